@@ -1,0 +1,201 @@
+"""`selm-data`: build, inspect and check the preference data of each iteration.
+
+An entry point: it parses arguments and calls the library; nothing imports it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from selm_data.errors import SelmError
+from selm_data.manifest import Manifest, find_manifest, load_manifest
+from selm_data.schema import TABLES
+from selm_data.store import RunInfo, Store, open_store
+from selm_data.verify import verify
+
+app = typer.Typer(
+    help="Build, inspect and check the preference data of online iterative alignment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+ManifestOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--manifest",
+        "-m",
+        help="Manifest YAML. Default: $SELM_MANIFEST, else ./selm.yaml, else manifests/demo.yaml.",
+    ),
+]
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option("--store", "-s", help="Store folder. Default: the manifest's `store`."),
+]
+
+_SECRET_FLAG = re.compile(r"^--?[\w-]*(token|key|secret|password)[\w-]*", re.IGNORECASE)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """This invocation as text for the store's metadata, with secret-looking values redacted."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = ["selm-data"]
+    redact_next = False
+    for arg in args:
+        if redact_next:
+            out.append("***")
+            redact_next = False
+        elif _SECRET_FLAG.match(arg):
+            flag, eq, _ = arg.partition("=")
+            out.append(f"{flag}=***" if eq else flag)
+            redact_next = not eq
+        else:
+            out.append(arg)
+    return " ".join(out)
+
+
+def _resolve(store: Path | None, manifest: Path | None) -> tuple[Path, Manifest | None]:
+    """The store to use, and the manifest when one was given or found."""
+    if store is not None and manifest is None:
+        return store, None
+    loaded = load_manifest(find_manifest(manifest))
+    return (store or Path(loaded.store)), loaded
+
+
+def _run_info(manifest: Manifest | None) -> RunInfo:
+    if manifest is None:
+        return RunInfo.new(command_line())
+    return RunInfo.new(
+        command_line(), manifest_hash=manifest.hash(), manifest_json=manifest.canonical_json()
+    )
+
+
+def _open(store: Path | None, manifest: Path | None, *, create: bool = False) -> Store:
+    path, loaded = _resolve(store, manifest)
+    return open_store(path, create=create, run=_run_info(loaded))
+
+
+@app.command()
+def init(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
+    """Create the store (or add tables a newer selm defines) and record this run's manifest."""
+    s = _open(store, manifest, create=True)
+    s.record_run()
+    console.print(f"store ready at [bold]{s.root}[/] (run {s.run.run_id})")
+
+
+@app.command()
+def status(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
+    """What the store holds: tables and versions, work per iteration, snapshots, leases."""
+    s = _open(store, manifest)
+    tables = Table(title=f"store {s.root}")
+    for col in ("table", "version", "rows"):
+        tables.add_column(col, justify="left" if col == "table" else "right")
+    for name in TABLES:
+        rows = s.scan(name).select(pl.len()).collect().item()
+        tables.add_row(name, str(s.version(name)), str(rows))
+    console.print(tables)
+    console.print(_iterations_table(s))
+    held = s.leases()
+    if held:
+        leases = Table(title="leases")
+        for col in ("work", "state", "holder"):
+            leases.add_column(col)
+        for holder, state in held:
+            leases.add_row(holder.work, state, holder.describe())
+        console.print(leases)
+
+
+def _iterations_table(s: Store) -> Table:
+    def per_iteration(table: str, *filters: pl.Expr, name: str) -> pl.LazyFrame:
+        lf = s.scan(table)
+        for f in filters:
+            lf = lf.filter(f)
+        return lf.group_by("iteration").agg(pl.len().alias(name))
+
+    parts = [
+        per_iteration("prompts", name="prompts"),
+        per_iteration(
+            "responses", pl.col("origin") == "policy", pl.col("status") == "ok", name="generated"
+        ),
+        per_iteration("responses", pl.col("status") == "failed", name="failed"),
+        s.scan("judgments").group_by("iteration").agg(pl.col("ranking_id").n_unique()
+                                                      .alias("rankings")),
+        per_iteration("pairs", name="pairs"),
+        per_iteration("pairs", pl.col("is_tie"), name="ties"),
+    ]
+    counts = parts[0]
+    for part in parts[1:]:
+        counts = counts.join(part, on="iteration", how="full", coalesce=True)
+    df = counts.fill_null(0).sort("iteration").collect()
+    table = Table(title="per iteration")
+    for col in df.columns:
+        table.add_column(col, justify="right")
+    for row in df.iter_rows():
+        table.add_row(*(str(v) for v in row))
+    return table
+
+
+@app.command()
+def log(
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+    table: Annotated[str | None, typer.Option(help="Only this table's commits.")] = None,
+    limit: Annotated[int, typer.Option(help="Show this many commits, newest first.")] = 20,
+) -> None:
+    """The commit history of the store's tables, with each commit's run, command and manifest."""
+    s = _open(store, manifest)
+    names = [table] if table else list(TABLES)
+    commits = sorted(
+        (c for name in names for c in s.history(name, limit)),
+        key=lambda c: (c.timestamp, c.version),
+        reverse=True,
+    )[:limit]
+    out = Table(title=f"commits in {s.root}")
+    for col in ("time", "table", "version", "operation", "rows", "run", "manifest", "command"):
+        out.add_column(col)
+    for c in commits:
+        out.add_row(
+            c.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
+            c.table,
+            str(c.version),
+            c.operation,
+            "" if c.rows_added is None else str(c.rows_added),
+            c.run_id or "",
+            c.manifest_hash or "",
+            c.command or "",
+        )
+    console.print(out)
+
+
+@app.command("verify")
+def verify_cmd(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
+    """Check schemas, unique ids, references and data files; exit 1 on any problem."""
+    s = _open(store, manifest)
+    problems = verify(s)
+    if not problems:
+        console.print(f"[green]ok[/]: {len(TABLES)} tables in {s.root} are consistent")
+        return
+    out = Table(title=f"{len(problems)} problem(s) in {s.root}")
+    for col in ("table", "check", "detail"):
+        out.add_column(col)
+    for p in problems:
+        out.add_row(p.table, p.check, p.detail)
+    console.print(out)
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except SelmError as e:
+        Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,314 @@
+"""The manifest: the whole recipe of a run, validated whole before anything loads.
+
+One YAML file says where the preference data comes from, how many iterations to run, which
+policy generates, how it samples, which ranker judges, which rule pairs, how each iteration
+trains, and where the store lives. Unknown keys are refused; combinations that make no sense
+are refused with the field named. Defaults live here and nowhere else.
+
+Relative paths (`store`, `source.path`) are relative to the working directory, as for
+torchtune's and TRL's `output_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from selm_data.errors import ManifestError
+from selm_data.schema import canonical_json
+
+BUNDLED_DATA = Path(__file__).parent / "data"
+DEFAULT_MANIFESTS = ("selm.yaml", "manifests/demo.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Spec):
+    """A preference dataset: a Hub id, a local jsonl/json/parquet file, or a bundled file."""
+
+    hub: str | None = None
+    path: str | None = None
+    bundled: str | None = None  # a file name under selm_data/data
+    split: str = "train"
+    revision: str | None = None  # Hub commit or tag; pin it for reproducible lineage
+    layout: Literal["auto", "ultrafeedback", "flat", "conversation", "sharegpt", "hh"] = "auto"
+    limit: PositiveInt | None = None  # keep the first N rows (demos, smoke tests)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceSpec:
+        given = [k for k in ("hub", "path", "bundled") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of hub, path, bundled (got {given or 'none'})"
+            )
+        if self.bundled and not (BUNDLED_DATA / self.bundled).is_file():
+            shipped = sorted(p.name for p in BUNDLED_DATA.glob("*.jsonl"))
+            raise ValueError(f"no bundled dataset {self.bundled!r}; shipped: {shipped}")
+        return self
+
+
+class PortionSpec(_Spec):
+    """How the dataset is cut into one portion per iteration (SELM trains on portion t)."""
+
+    split: Literal["contiguous", "hash"] = "contiguous"  # contiguous: as the paper's code
+    count: PositiveInt | None = None  # default: one portion per iteration
+
+
+class PolicySpec(_Spec):
+    model: str  # Hub id or local folder of the starting policy (iteration 1's reference)
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
+
+
+class VllmSpec(_Spec):
+    enforce_eager: bool = False  # True skips graph capture: ~2 s instead of ~30 s to load on CPU
+    gpu_memory_utilization: Probability = 0.9
+    tensor_parallel_size: PositiveInt = 1
+    max_model_len: PositiveInt | None = None
+    enable_chunked_prefill: bool | None = None  # vLLM CPU needs False for seeded sampling
+    cpu_kvcache_space_gib: PositiveInt | None = None  # VLLM_CPU_KVCACHE_SPACE
+
+
+class ServerSpec(_Spec):
+    """An OpenAI-compatible server (`vllm serve`, a judge endpoint)."""
+
+    base_url: str
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    max_concurrency: PositiveInt = 16
+
+
+class GenerationSpec(_Spec):
+    backend: Literal["vllm", "transformers", "openai"] = "vllm"
+    # The paper's code samples y_ref greedily: temperature 0, top_p 1, 1024 tokens, n 1.
+    temperature: Annotated[float, Field(ge=0.0)] = 0.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: int = -1  # -1: no top-k cut
+    max_tokens: PositiveInt = 1024
+    n: PositiveInt = 1
+    seed: int | None = None  # per-request seeds derive from it when set
+    batch_size: PositiveInt = 32
+    vllm: VllmSpec = VllmSpec()
+    server: ServerSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationSpec:
+        if self.backend == "openai" and self.server is None:
+            raise ValueError("backend 'openai' needs a 'server' with its base_url")
+        if self.n > 1 and self.temperature == 0.0:
+            raise ValueError("n > 1 with temperature 0 gives n identical greedy samples")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError("top_k is -1 (off) or a positive number")
+        return self
+
+
+class RankerSpec(_Spec):
+    kind: Literal["pairrm", "reward_model", "judge"] = "pairrm"
+    model: str = "llm-blender/PairRM"
+    revision: str | None = None
+    batch_size: PositiveInt = 8
+    server: ServerSpec | None = None  # for kind 'judge'
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RankerSpec:
+        if self.kind == "judge" and self.server is None:
+            raise ValueError("ranker kind 'judge' needs a 'server'")
+        return self
+
+
+class PairingSpec(_Spec):
+    # best_worst: best and worst of {y_ref, y_w, y_l} (SELM's default);
+    # replace: compare y_w with y_ref and replace one side of the pair (SELM Appendix C).
+    rule: Literal["best_worst", "replace"] = "best_worst"
+
+
+Loss = Literal["dpo", "ipo", "selm"]
+
+
+class TrainSpec(_Spec):
+    """Training settings of every iteration, unless an iteration overrides them."""
+
+    loss: Loss = "selm"
+    beta: Annotated[float, Field(gt=0.0)] = 0.01
+    # SELM's optimism coefficient in the public code's convention: the loss adds
+    # alpha * beta * (log pi(y_ref) - log pi_ref(y_ref)), so the paper's coefficient is alpha*beta.
+    alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    learning_rate: Annotated[float, Field(gt=0.0)] = 5e-7
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    epochs: PositiveInt = 1
+    global_batch_size: PositiveInt = 128
+    micro_batch_size: PositiveInt = 1
+    max_length: PositiveInt = 1024
+    max_prompt_length: PositiveInt = 512
+    gradient_checkpointing: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSpec:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be below max_length")
+        if self.alpha > 0 and self.loss != "selm":
+            raise ValueError(f"alpha applies to loss 'selm' only (loss is {self.loss!r})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError("global_batch_size must be a multiple of micro_batch_size")
+        return self
+
+
+class IterationSpec(_Spec):
+    """One iteration: which pairs it trains on, and what it changes of `train`."""
+
+    # ranked: build new pairs (generate, rank, pair); original: train on the dataset's own
+    # pairs, as the paper's Zephyr run does in its first (plain DPO) iteration.
+    pairs: Literal["ranked", "original"] = "ranked"
+    loss: Loss | None = None
+    learning_rate: Annotated[float, Field(gt=0.0)] | None = None
+    beta: Annotated[float, Field(gt=0.0)] | None = None
+    alpha: Annotated[float, Field(ge=0.0)] | None = None
+
+
+class Manifest(_Spec):
+    name: str
+    store: str  # folder of the store
+    seed: int = 42
+    source: SourceSpec
+    portions: PortionSpec = PortionSpec()
+    policy: PolicySpec
+    generation: GenerationSpec = GenerationSpec()
+    ranker: RankerSpec = RankerSpec()
+    pairing: PairingSpec = PairingSpec()
+    train: TrainSpec = TrainSpec()
+    iterations: list[IterationSpec] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _iterations_shorthand(cls, data: Any) -> Any:
+        # `iterations: 3` means three iterations with the train defaults.
+        if isinstance(data, dict) and isinstance(data.get("iterations"), int):
+            if data["iterations"] < 1:
+                raise ValueError("iterations must be at least 1")
+            data = {**data, "iterations": [{} for _ in range(data["iterations"])]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.portions.count is not None and self.portions.count < len(self.iterations):
+            raise ValueError(
+                f"portions.count ({self.portions.count}) is below the number of iterations "
+                f"({len(self.iterations)}): iteration t trains on portion t"
+            )
+        for t in range(1, len(self.iterations) + 1):
+            self.train_for(t)  # every iteration's resolved settings must validate too
+        return self
+
+    @property
+    def num_portions(self) -> int:
+        return self.portions.count or len(self.iterations)
+
+    def iteration(self, t: int) -> IterationSpec:
+        if not 1 <= t <= len(self.iterations):
+            raise ManifestError(
+                f"manifest {self.name!r} has iterations 1..{len(self.iterations)}, not {t}"
+            )
+        return self.iterations[t - 1]
+
+    def train_for(self, t: int) -> TrainSpec:
+        """`train` with iteration t's overrides applied, validated again as a whole."""
+        overrides = self.iteration(t).model_dump(exclude={"pairs"}, exclude_none=True)
+        return TrainSpec.model_validate({**self.train.model_dump(), **overrides})
+
+    def hash(self) -> str:
+        """Identity of the recipe: sha256 of its canonical JSON (formatting does not count)."""
+        return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()[:16]
+
+    def canonical_json(self) -> str:
+        return canonical_json(self.model_dump(mode="json"))
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def find_manifest(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The manifest to use: the one given, else $SELM_MANIFEST, else ./selm.yaml, else the demo."""
+    if explicit is not None:
+        return Path(explicit)
+    if os.environ.get("SELM_MANIFEST"):
+        return Path(os.environ["SELM_MANIFEST"])
+    for candidate in DEFAULT_MANIFESTS:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    raise ManifestError(
+        "no manifest given: pass --manifest FILE, set SELM_MANIFEST, or run where "
+        f"one of {list(DEFAULT_MANIFESTS)} exists"
+    )
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate a manifest; errors name the file, the field and what is allowed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read the manifest: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise ManifestError(f"{path}: not valid YAML{where}: {e}") from e
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: a manifest is a mapping of fields, got {type(data).__name__}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(f"{path}: invalid manifest:\n{_explain(e)}") from e
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(err["loc"][:-1])
+            msg = f"unknown field; allowed here: {', '.join(allowed)}"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_fields(parent: tuple[int | str, ...]) -> list[str]:
+    """The field names of the model found at `parent` inside a Manifest."""
+    model: type[BaseModel] = Manifest
+    for part in parent:
+        if isinstance(part, int):
+            continue  # an index into a list: same item model
+        annotation = model.model_fields[part].annotation
+        model = _model_in(annotation) or model
+    return sorted(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

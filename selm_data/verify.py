@@ -1,0 +1,119 @@
+"""`selm-data verify`: is the store whole and consistent?
+
+Checks, per table: the Delta schema is the one `schema.TABLES` declares; every data file the
+log names is present with its recorded size; ids are unique; every reference resolves (a
+pair's responses exist, a response's prompt exists, each row's run is recorded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import polars as pl
+import pyarrow as pa
+
+from selm_data.schema import TABLES, TableSpec
+from selm_data.store import Store
+
+
+@dataclass(frozen=True)
+class Problem:
+    table: str
+    check: str  # schema | files | unique ids | references
+    detail: str
+
+
+def verify(store: Store) -> list[Problem]:
+    problems: list[Problem] = []
+    for spec in TABLES.values():
+        schema_problems = _check_schema(store, spec)
+        problems += schema_problems
+        problems += _check_files(store, spec)
+        if not schema_problems:
+            problems += _check_unique(store, spec)
+            problems += _check_references(store, spec)
+    return problems
+
+
+def _check_schema(store: Store, spec: TableSpec) -> list[Problem]:
+    actual = pa.schema(store.delta_table(spec.name).schema().to_arrow())
+    if actual.equals(spec.schema):
+        return []
+    expected = {f.name: f for f in spec.schema}
+    found = {f.name: f for f in actual}
+    details = [f"missing column {n}" for n in expected if n not in found]
+    details += [f"unexpected column {n}" for n in found if n not in expected]
+    details += [
+        f"column {n} is {found[n].type} (nullable={found[n].nullable}), expected "
+        f"{f.type} (nullable={f.nullable})"
+        for n, f in expected.items()
+        if n in found and not found[n].equals(f)
+    ]
+    return [Problem(spec.name, "schema", d) for d in details]
+
+
+def _check_files(store: Store, spec: TableSpec) -> list[Problem]:
+    dt = store.delta_table(spec.name)
+    actions = pa.table(dt.get_add_actions(flatten=False))
+    root = store.path(spec.name)
+    problems = []
+    for path, size in zip(
+        actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(), strict=True
+    ):
+        file = root / unquote(path)
+        if not file.is_file():
+            problems.append(Problem(spec.name, "files", f"data file missing: {file}"))
+        elif file.stat().st_size != size:
+            problems.append(
+                Problem(
+                    spec.name,
+                    "files",
+                    f"data file {file} has {file.stat().st_size} bytes, the log says {size}",
+                )
+            )
+    return problems
+
+
+def _check_unique(store: Store, spec: TableSpec) -> list[Problem]:
+    dupes = (
+        store.scan(spec.name)
+        .group_by(spec.id_column)
+        .agg(pl.len().alias("n"))
+        .filter(pl.col("n") > 1)
+        .collect()
+    )
+    if dupes.height == 0:
+        return []
+    example = dupes.row(0)[0]
+    return [
+        Problem(
+            spec.name,
+            "unique ids",
+            f"{dupes.height} {spec.id_column} value(s) occur more than once (e.g. {example})",
+        )
+    ]
+
+
+def _check_references(store: Store, spec: TableSpec) -> list[Problem]:
+    problems = []
+    for ref in spec.references:
+        targets = store.scan(ref.table).select(pl.col(ref.target).alias(ref.column)).unique()
+        dangling = (
+            store.scan(spec.name)
+            .select(ref.column)
+            .drop_nulls()
+            .unique()
+            .join(targets, on=ref.column, how="anti")
+            .collect()
+        )
+        if dangling.height:
+            problems.append(
+                Problem(
+                    spec.name,
+                    "references",
+                    f"{dangling.height} {ref.column} value(s) name no {ref.table}.{ref.target} "
+                    f"(e.g. {dangling.row(0)[0]})",
+                )
+            )
+    return problems
