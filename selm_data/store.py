@@ -140,13 +140,12 @@ class Store:
 
     def scan(self, table: str, *, version: int | datetime | None = None) -> pl.LazyFrame:
         """A polars LazyFrame of `table`, at its latest or a past version (time travel)."""
-        try:
-            return pl.scan_delta(str(self.path(table)), version=version)
-        except Exception as e:  # polars and delta-rs raise several types for a bad version
+        if isinstance(version, int) and not 0 <= version <= self.version(table):
             raise StoreError(
-                f"cannot read {table} at version {version}: {e}. "
-                f"`selm-data log --store {self.root}` lists the versions that exist."
-            ) from e
+                f"{table} has versions 0..{self.version(table)}, not {version}: "
+                f"`selm-data log --store {self.root} --table {table}` lists them."
+            )
+        return pl.scan_delta(str(self.path(table)), version=version)
 
     def delta_table(self, table: str) -> DeltaTable:
         """The live Delta table (refreshed to its latest version)."""

@@ -1,0 +1,65 @@
+"""Rows for tests: a consistent chain through every table of the store."""
+
+from __future__ import annotations
+
+from selm_data.schema import RESPONSES, SNAPSHOTS, content_id, row_id
+
+Rows = dict[str, list[dict]]
+
+# Order in which a chain is written so every reference resolves.
+WRITE_ORDER = ("prompts", "responses", "judgments", "pairs", "snapshots", "checkpoints")
+
+
+def chain_rows(iteration: int, n_prompts: int, *, tag: str = "") -> Rows:
+    """One iteration's worth of consistent rows in every table: prompts, the three candidate
+    responses of each prompt, their ranking, the best-worst pair, a snapshot and a checkpoint."""
+    rows: Rows = {t: [] for t in ("prompts", "responses", "judgments", "pairs")}
+    sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 64, "seed": None}
+    for i in range(n_prompts):
+        messages = [{"role": "user", "content": f"question {tag}{iteration}-{i}"}]
+        prompt_id = content_id("prompts", {"messages": messages})
+        rows["prompts"].append(
+            {"prompt_id": prompt_id, "iteration": iteration, "messages": messages,
+             "source": "tests", "source_split": "train", "source_row": i}
+        )
+        candidates = []
+        for origin, text, policy in (
+            ("policy", f"new answer {i}", "tiny-llama"),
+            ("dataset_chosen", f"good answer {i}", None),
+            ("dataset_rejected", f"bad answer {i}", None),
+        ):
+            response = {
+                "prompt_id": prompt_id, "iteration": iteration, "origin": origin,
+                "sample_index": 0, "status": "ok", "text": text, "policy": policy,
+                "policy_fingerprint": "f00d" if policy else None,
+                "sampling": sampling if policy else None,
+            }
+            response["response_id"] = row_id(RESPONSES, response)
+            rows["responses"].append(response)
+            candidates.append(response["response_id"])
+        ranking_id = content_id("ranking", {"candidates": candidates})
+        scores = [0.5, 0.9, -0.2]
+        for pos, (rid, score) in enumerate(zip(candidates, scores, strict=True)):
+            rows["judgments"].append(
+                {"ranking_id": ranking_id, "prompt_id": prompt_id, "iteration": iteration,
+                 "response_id": rid, "position": pos, "n_candidates": 3, "score": score,
+                 "rank": sorted(scores, reverse=True).index(score) + 1, "ranker": "test-ranker"}
+            )
+        rows["pairs"].append(
+            {"prompt_id": prompt_id, "iteration": iteration, "ranking_id": ranking_id,
+             "rule": "best_worst", "chosen_id": candidates[1], "rejected_id": candidates[2],
+             "ref_id": candidates[0], "chosen_score": 0.9, "rejected_score": -0.2,
+             "margin": 1.1, "is_tie": False}
+        )
+    snapshot = {"name": f"iter{iteration}{tag}", "iteration": iteration,
+                "path": f"snapshots/iter{iteration}", "format": "parquet",
+                "row_count": n_prompts, "content_hash": f"hash{iteration}{tag}",
+                "table_versions": [{"table": "pairs", "version": 1}], "filters": "{}"}
+    snapshot_id = row_id(SNAPSHOTS, snapshot)
+    rows["snapshots"] = [{**snapshot, "snapshot_id": snapshot_id}]
+    rows["checkpoints"] = [
+        {"iteration": iteration, "path": f"ckpt/iter{iteration}{tag}",
+         "fingerprint": f"w{iteration}{tag}", "snapshot_id": snapshot_id,
+         "base_model": "tiny-llama", "loss": "selm", "config": "{}"}
+    ]
+    return rows
