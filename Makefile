@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine (only Python 3.11+ needed):
+#   make demo   creates .venv, installs selm, runs the main job on the embedded default
+#   make test   the same install with the test tools, then lint and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= manifests/demo.yaml
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamp files make the install run once, and again whenever pyproject.toml changes.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/selm-data init --manifest $(DEMO)
+	$(BIN)/selm-data status --manifest $(DEMO)
+	$(BIN)/selm-data verify --manifest $(DEMO)
+	$(BIN)/selm-train plan --manifest $(DEMO)
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/store_ingest.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
