@@ -1,0 +1,27 @@
+"""The README's polars example runs as written against a store with an iteration 2."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from helpers import WRITE_ORDER, chain_rows
+from selm_data import open_store
+from selm_data.store import RunInfo
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_polars_example_runs(tmp_path, monkeypatch, capsys):
+    code = re.search(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1)
+    assert len(code.strip().splitlines()) == 5
+    monkeypatch.chdir(tmp_path)
+    store = open_store("runs/demo/store", create=True, run=RunInfo.new("pytest"))
+    for iteration in (1, 2):
+        rows = chain_rows(iteration=iteration, n_prompts=2 + iteration)
+        for table in WRITE_ORDER:
+            store.append(table, rows[table])
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "shape: (4, 6)" in out  # the 4 pairs of iteration 2 with their chosen texts
+    assert out.count("dataset_chosen") == 4 and "good answer 3" in out
