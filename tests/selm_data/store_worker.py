@@ -6,10 +6,12 @@ or start a second claimant while the first holds its lease.
 
 from __future__ import annotations
 
+import resource
+import signal
 import sys
 import time
 
-from selm_data import LeaseHeldError, open_store
+from selm_data import LeaseHeldError, StoreError, open_store
 from selm_data.store import RunInfo
 
 TEXT = "lorem ipsum dolor sit amet " * 40  # ~1 KB a prompt, so a batch takes a while to write
@@ -52,12 +54,27 @@ def claim_and_hang(store_path: str, work: str) -> None:
     time.sleep(600)
 
 
+def append_past_file_size_limit(store_path: str, limit: int) -> None:
+    """Stands in for a full disk: the kernel refuses to grow a file past `limit` bytes."""
+    store = open_store(store_path, run=RunInfo.new("worker fsize"))
+    store.append("prompts", prompt_rows(0, 10))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write(), not a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        store.append("prompts", prompt_rows(10, 5000))
+    except StoreError as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(4)
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "append":
         append_batches(args[0], int(args[1]), int(args[2]), int(args[3]))
     elif mode == "claim":
         claim_and_write(args[0], args[1], float(args[2]), int(args[3]))
+    elif mode == "fsize":
+        append_past_file_size_limit(args[0], int(args[1]))
     elif mode == "hang":
         claim_and_hang(args[0], args[1])
     else:

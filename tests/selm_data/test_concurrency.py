@@ -139,3 +139,16 @@ def test_one_process_cannot_claim_work_twice(store_path):
         store.claim("w")
     with store.claim("w"):  # released on exit, so free again
         pass
+
+
+def test_failed_write_loses_nothing_and_says_what_to_do(store_path):
+    proc = start("fsize", store_path, 200_000)  # a 5,000-row batch needs ~5 MB
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 4, err
+    assert "writing 5000 rows to prompts failed" in err and "File too large" in err
+    assert "unchanged at version 1" in err and "run the same command again" in err
+    assert prompt_rows_of(store_path).height == 10
+    assert verify(open_store(store_path)) == []
+    rerun = start("append", store_path, 1, 5010, 0)  # the same rows, without the limit
+    rerun.communicate(timeout=120)
+    assert sorted(prompt_rows_of(store_path)["source_row"].to_list()) == list(range(5010))
