@@ -106,13 +106,12 @@ class _IdIndex:
     files: set[str] = field(default_factory=set)
     ids: set[str] = field(default_factory=set)
 
-    def refresh(self, dt: DeltaTable, id_column: str) -> None:
+    def refresh(self, dt: DeltaTable, root: Path, id_column: str) -> None:
         if dt.version() == self.version:
             return
         paths = set(pa.table(dt.get_add_actions(flatten=False)).column("path").to_pylist())
         if self.files - paths:
             self.files, self.ids = set(), set()
-        root = Path(dt.table_uri.removeprefix("file://"))
         for path in paths - self.files:
             ids = pq.read_table(root / unquote(path), columns=[id_column]).column(0)
             self.ids.update(ids.to_pylist())
@@ -196,7 +195,7 @@ class Store:
         batch = conform(spec, data, fill)
         dt = self.delta_table(table)
         index = self._indexes.setdefault(table, _IdIndex())
-        index.refresh(dt, spec.id_column)
+        index.refresh(dt, self.path(table), spec.id_column)
         keep = _new_rows(batch.column(spec.id_column).to_pylist(), index.ids)
         new = batch.take(pa.array(keep, pa.int64()))
         if new.num_rows == 0:
