@@ -62,8 +62,8 @@ class TableSpec:
     id_fields: tuple[str, ...]
     partition_by: tuple[str, ...] = ()
     references: tuple[Reference, ...] = ()
-    # Columns with min/max statistics in the Delta log; long text columns are left out because
-    # their statistics cost write time and never prune a scan.
+    # Columns with min/max statistics in the Delta log: short strings and integers. Long text
+    # columns are left out because their statistics cost write time and never prune a scan.
     stats_columns: tuple[str, ...] = ()
     description: str = ""
 
@@ -104,7 +104,7 @@ RUNS = TableSpec(
     ),
     id_column="run_id",
     id_fields=(),
-    stats_columns=("run_id", "created_at"),
+    stats_columns=("run_id",),
 )
 
 PROMPTS = TableSpec(
@@ -126,7 +126,7 @@ PROMPTS = TableSpec(
     id_fields=("messages",),  # identical prompts are one prompt
     partition_by=("iteration",),
     references=(_runs_ref(),),
-    stats_columns=("prompt_id", "iteration", "source_row", "run_id", "created_at"),
+    stats_columns=("prompt_id", "iteration", "source_row", "run_id"),
 )
 
 RESPONSES = TableSpec(
@@ -164,7 +164,7 @@ RESPONSES = TableSpec(
     partition_by=("iteration",),
     references=(Reference("prompt_id", "prompts", "prompt_id"), _runs_ref()),
     stats_columns=(
-        "response_id", "prompt_id", "iteration", "origin", "status", "run_id", "created_at",
+        "response_id", "prompt_id", "iteration", "origin", "status", "run_id",
     ),
 )
 
@@ -200,7 +200,6 @@ JUDGMENTS = TableSpec(
     ),
     stats_columns=(
         "judgment_id", "ranking_id", "prompt_id", "iteration", "response_id", "run_id",
-        "created_at",
     ),
 )
 
@@ -235,7 +234,7 @@ PAIRS = TableSpec(
         Reference("ref_id", "responses", "response_id"),
         _runs_ref(),
     ),
-    stats_columns=("pair_id", "prompt_id", "iteration", "ranking_id", "run_id", "created_at"),
+    stats_columns=("pair_id", "prompt_id", "iteration", "ranking_id", "run_id"),
 )
 
 SNAPSHOTS = TableSpec(
@@ -258,7 +257,7 @@ SNAPSHOTS = TableSpec(
     id_column="snapshot_id",
     id_fields=("name", "content_hash"),
     references=(_runs_ref(),),
-    stats_columns=("snapshot_id", "name", "iteration", "run_id", "created_at"),
+    stats_columns=("snapshot_id", "name", "iteration", "run_id"),
 )
 
 CHECKPOINTS = TableSpec(
@@ -285,7 +284,7 @@ CHECKPOINTS = TableSpec(
         Reference("parent_id", "checkpoints", "checkpoint_id"),
         _runs_ref(),
     ),
-    stats_columns=("checkpoint_id", "iteration", "snapshot_id", "run_id", "created_at"),
+    stats_columns=("checkpoint_id", "iteration", "snapshot_id", "run_id"),
 )
 
 TABLES: dict[str, TableSpec] = {

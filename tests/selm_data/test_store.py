@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
@@ -178,3 +179,28 @@ def test_time_travel_by_timestamp(store):
 def test_bad_version_names_the_log_command(store):
     with pytest.raises(StoreError, match="selm-data log"):
         store.scan("prompts", version=99).collect()
+
+
+def test_delta_readers_see_the_same_rows_and_file_statistics(store):
+    """selm writes the Parquet files itself and commits them with delta-rs: check that
+    delta-rs's own reader, its file statistics and partition pruning agree with polars."""
+    one, two = chain_rows(iteration=1, n_prompts=3), chain_rows(iteration=2, n_prompts=4)
+    mixed = one["responses"] + two["responses"]  # one batch, two partitions
+    for table in WRITE_ORDER:
+        store.append(table, mixed if table == "responses" else one[table] + two[table])
+    for table in WRITE_ORDER:
+        spec = TABLES[table]
+        dt = DeltaTable(str(store.path(table)))
+        theirs = pl.from_arrow(pa.table(dt.to_pyarrow_table())).sort(spec.id_column)
+        ours = store.scan(table).collect().sort(spec.id_column)
+        assert theirs.select(ours.columns).equals(ours), table
+    actions = pa.table(DeltaTable(str(store.path("responses"))).get_add_actions(flatten=True))
+    assert sorted(actions.column("partition.iteration").to_pylist()) == [1, 2]
+    assert sorted(actions.column("num_records").to_pylist()) == [9, 12]
+    for row in actions.to_pylist():
+        ids = store.scan("responses").filter(pl.col("iteration") == row["partition.iteration"])
+        ids = ids.select("response_id").collect()["response_id"]
+        assert (row["min.response_id"], row["max.response_id"]) == (ids.min(), ids.max())
+        assert row["null_count.response_id"] == 0
+    dataset = DeltaTable(str(store.path("pairs"))).to_pyarrow_dataset()
+    assert dataset.to_table(filter=pc.field("iteration") == 2).num_rows == 4
