@@ -47,6 +47,12 @@ def claim_and_write(store_path: str, work: str, hold: float, first: int) -> None
         print("wrote", flush=True)
 
 
+def create(store_path: str) -> None:
+    store = open_store(store_path, create=True, run=RunInfo.new("worker create"))
+    store.record_run()
+    print("created", flush=True)
+
+
 def claim_and_hang(store_path: str, work: str) -> None:
     store = open_store(store_path, run=RunInfo.new("worker hang"))
     store.claim(work)
@@ -73,6 +79,8 @@ if __name__ == "__main__":
         append_batches(args[0], int(args[1]), int(args[2]), int(args[3]))
     elif mode == "claim":
         claim_and_write(args[0], args[1], float(args[2]), int(args[3]))
+    elif mode == "create":
+        create(args[0])
     elif mode == "fsize":
         append_past_file_size_limit(args[0], int(args[1]))
     elif mode == "hang":

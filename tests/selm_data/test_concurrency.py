@@ -152,3 +152,15 @@ def test_failed_write_loses_nothing_and_says_what_to_do(store_path):
     rerun = start("append", store_path, 1, 5010, 0)  # the same rows, without the limit
     rerun.communicate(timeout=120)
     assert sorted(prompt_rows_of(store_path)["source_row"].to_list()) == list(range(5010))
+
+
+def test_processes_creating_one_store_at_once_all_succeed(tmp_path):
+    path = tmp_path / "fresh"
+    creators = [start("create", path) for _ in range(3)]  # e.g. one builder per GPU
+    for c in creators:
+        out, err = c.communicate(timeout=120)
+        assert c.returncode == 0 and "created" in out, err
+    store = open_store(path)
+    assert store.scan("runs").select("run_id").collect().height == 3
+    assert all(store.version(t) >= 0 for t in ("prompts", "pairs"))
+    assert verify(store) == []
