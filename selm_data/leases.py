@@ -21,7 +21,9 @@ import json
 import os
 import re
 import socket
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,7 +60,13 @@ def read_holder(path: Path) -> Holder | None:
         record = json.loads(path.read_text(encoding="utf-8") or "null")
     except (OSError, json.JSONDecodeError):
         return None
-    return Holder(**record) if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    known = {f.name for f in fields(Holder)}  # a record from another selm version may differ
+    try:
+        return Holder(**{k: v for k, v in record.items() if k in known})
+    except TypeError:
+        return None
 
 
 class Lease:
@@ -91,10 +99,27 @@ class Lease:
 
 
 def _write_record(fd: int, holder: Holder) -> None:
+    # Write, then cut to length: a reader never sees an empty file (records are similar sizes).
     data = json.dumps(asdict(holder), sort_keys=True).encode("utf-8")
-    os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
     os.fsync(fd)
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for a short critical section, waiting for it if needed.
+
+    The store takes one per table around "check which ids exist, then commit", so two
+    processes appending overlapping rows cannot both write them.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def claim(directory: Path, work: str, *, run_id: str, command: str) -> Lease:

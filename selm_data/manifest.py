@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 from selm_data.errors import ManifestError
 from selm_data.schema import canonical_json
@@ -30,6 +37,8 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _Spec(BaseModel):
+    # Numbers stay lax on purpose: PyYAML reads `5e-7` (no dot) as a string. Booleans are
+    # strict (StrictBool): "yes" or "no" in quotes must not silently become True.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -51,9 +60,11 @@ class SourceSpec(_Spec):
             raise ValueError(
                 f"give exactly one of hub, path, bundled (got {given or 'none'})"
             )
-        if self.bundled and not (BUNDLED_DATA / self.bundled).is_file():
-            shipped = sorted(p.name for p in BUNDLED_DATA.glob("*.jsonl"))
+        shipped = sorted(p.name for p in BUNDLED_DATA.glob("*.jsonl"))
+        if self.bundled is not None and self.bundled not in shipped:
             raise ValueError(f"no bundled dataset {self.bundled!r}; shipped: {shipped}")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision applies to a Hub dataset (hub), not a local file")
         return self
 
 
@@ -68,15 +79,15 @@ class PolicySpec(_Spec):
     model: str  # Hub id or local folder of the starting policy (iteration 1's reference)
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
+    trust_remote_code: StrictBool = False  # runs code from the model repo: only for repos you trust
 
 
 class VllmSpec(_Spec):
-    enforce_eager: bool = False  # True skips graph capture: ~2 s instead of ~30 s to load on CPU
+    enforce_eager: StrictBool = False  # skips graph capture: ~2 s instead of ~30 s to load on CPU
     gpu_memory_utilization: Probability = 0.9
     tensor_parallel_size: PositiveInt = 1
     max_model_len: PositiveInt | None = None
-    enable_chunked_prefill: bool | None = None  # vLLM CPU needs False for seeded sampling
+    enable_chunked_prefill: StrictBool | None = None  # vLLM CPU needs False for seeded sampling
     cpu_kvcache_space_gib: PositiveInt | None = None  # VLLM_CPU_KVCACHE_SPACE
 
 
@@ -104,8 +115,8 @@ class GenerationSpec(_Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationSpec:
-        if self.backend == "openai" and self.server is None:
-            raise ValueError("backend 'openai' needs a 'server' with its base_url")
+        if (self.backend == "openai") != (self.server is not None):
+            raise ValueError("backend 'openai' needs a 'server', and only it uses one")
         if self.n > 1 and self.temperature == 0.0:
             raise ValueError("n > 1 with temperature 0 gives n identical greedy samples")
         if self.top_k == 0 or self.top_k < -1:
@@ -122,8 +133,8 @@ class RankerSpec(_Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> RankerSpec:
-        if self.kind == "judge" and self.server is None:
-            raise ValueError("ranker kind 'judge' needs a 'server'")
+        if (self.kind == "judge") != (self.server is not None):
+            raise ValueError("ranker kind 'judge' needs a 'server', and only it uses one")
         return self
 
 
@@ -152,7 +163,7 @@ class TrainSpec(_Spec):
     micro_batch_size: PositiveInt = 1
     max_length: PositiveInt = 1024
     max_prompt_length: PositiveInt = 512
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: StrictBool = False
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 42
@@ -181,8 +192,8 @@ class IterationSpec(_Spec):
 
 
 class Manifest(_Spec):
-    name: str
-    store: str  # folder of the store
+    name: Annotated[str, Field(min_length=1)]
+    store: Annotated[str, Field(min_length=1)]  # folder of the store
     seed: int = 42
     source: SourceSpec
     portions: PortionSpec = PortionSpec()
@@ -197,7 +208,8 @@ class Manifest(_Spec):
     @classmethod
     def _iterations_shorthand(cls, data: Any) -> Any:
         # `iterations: 3` means three iterations with the train defaults.
-        if isinstance(data, dict) and isinstance(data.get("iterations"), int):
+        count = data.get("iterations") if isinstance(data, dict) else None
+        if isinstance(count, int) and not isinstance(count, bool):
             if data["iterations"] < 1:
                 raise ValueError("iterations must be at least 1")
             data = {**data, "iterations": [{} for _ in range(data["iterations"])]}
@@ -210,8 +222,17 @@ class Manifest(_Spec):
                 f"portions.count ({self.portions.count}) is below the number of iterations "
                 f"({len(self.iterations)}): iteration t trains on portion t"
             )
+        if self.source.limit is not None and self.source.limit < self.num_portions:
+            raise ValueError(
+                f"source.limit ({self.source.limit}) leaves some of the {self.num_portions} "
+                "portions empty"
+            )
         for t in range(1, len(self.iterations) + 1):
-            self.train_for(t)  # every iteration's resolved settings must validate too
+            try:
+                self.train_for(t)  # every iteration's resolved settings must validate too
+            except ValidationError as e:
+                reasons = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+                raise ValueError(f"iteration {t} (iterations.{t - 1}) with train: {reasons}") from e
         return self
 
     @property

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ STORE_FORMAT = 1
 MARKER = "selm-store.json"
 LEASES_DIR = "_leases"
 CHECKPOINT_INTERVAL = 10
+_UNSAFE_PATH = re.compile(r"[^A-Za-z0-9._/+=,@~:-]")
 
 
 def package_version() -> str:
@@ -196,18 +198,26 @@ class Store:
         spec = table_spec(table)
         fill = {"run_id": self.run.run_id, "created_at": datetime.now(UTC)}
         batch = conform(spec, data, fill)
-        dt = self.delta_table(table)
-        index = self._indexes.setdefault(table, _IdIndex())
-        index.refresh(dt, self.path(table), spec.id_column)
-        ids = batch.column(spec.id_column).to_pylist()
-        keep = _new_rows(ids, index.ids)
-        new = batch if len(keep) == len(ids) else batch.take(pa.array(keep, pa.int64()))
-        if new.num_rows == 0:
-            return AppendResult(table, 0, batch.num_rows, dt.version())
         if table != "runs":
             self.record_run()
-        index.files.update(self._write(spec, dt, new))
-        index.ids.update(ids if new is batch else (ids[i] for i in keep))
+        # Which rows are new is only true until another writer commits: decide and commit
+        # under the table's lock, so overlapping writers in several processes cannot both
+        # write a row. The lock is held for this one append only.
+        with leases.exclusive(self.root / LEASES_DIR / f".table-{table}.lock"):
+            dt = self.delta_table(table)
+            index = self._indexes.setdefault(table, _IdIndex())
+            index.refresh(dt, self.path(table), spec.id_column)
+            ids = batch.column(spec.id_column).to_pylist()
+            keep = _new_rows(ids, index.ids)
+            new = batch if len(keep) == len(ids) else batch.take(pa.array(keep, pa.int64()))
+            if new.num_rows == 0:
+                return AppendResult(table, 0, batch.num_rows, dt.version())
+            before = dt.version()
+            written = self._write(spec, dt, new)
+            index.ids.update(ids if new is batch else (ids[i] for i in keep))
+            index.files.update(written)
+            if dt.version() == before + 1:  # no other commit came between: index is current
+                index.version = dt.version()
         return AppendResult(table, new.num_rows, batch.num_rows - new.num_rows, dt.version())
 
     def _write(self, spec: TableSpec, dt: DeltaTable, rows: pa.Table) -> list[str]:
@@ -218,8 +228,9 @@ class Store:
         are never named by the log, so readers never see them. Returns the files' paths.
         """
         before = dt.version()
+        token = uuid.uuid4().hex
         try:
-            actions = _write_parquet(spec, self.path(spec.name), rows)
+            actions = _write_parquet(spec, self.path(spec.name), rows, token)
             dt.create_write_transaction(
                 actions,
                 mode="append",
@@ -230,6 +241,8 @@ class Store:
                 ),
             )
         except (DeltaError, OSError, pa.ArrowException) as e:
+            for orphan in self.path(spec.name).rglob(f"part-{token}-*"):
+                orphan.unlink(missing_ok=True)  # not in the log, so no reader saw it
             raise StoreError(
                 f"writing {rows.num_rows} rows to {spec.name} failed: {e}. The table is "
                 f"unchanged at version {before} (a Delta commit is all or nothing). Fix the "
@@ -278,9 +291,10 @@ def _new_rows(ids: list[str], existing: set[str]) -> list[int]:
     return keep
 
 
-def _write_parquet(spec: TableSpec, root: Path, rows: pa.Table) -> list[AddAction]:
+def _write_parquet(spec: TableSpec, root: Path, rows: pa.Table, token: str) -> list[AddAction]:
     """One Parquet file per partition value, laid out and described as the Delta spec says:
-    partition columns live in the path, not the file; statistics for `spec.stats_columns`."""
+    partition columns live in the path, not the file; statistics for `spec.stats_columns`.
+    File names carry `token`, so the files of one failed write can be found and removed."""
     groups = [((), rows)]
     for column in spec.partition_by:
         split = []
@@ -295,10 +309,10 @@ def _write_parquet(spec: TableSpec, root: Path, rows: pa.Table) -> list[AddActio
             ]
         groups = split
     actions = []
-    for key, part in groups:
+    for n, (key, part) in enumerate(groups):
         folder = "/".join(f"{column}={value}" for column, value in key)
         relative = f"{folder}/" if folder else ""
-        relative += f"part-{uuid.uuid4()}.snappy.parquet"
+        relative += f"part-{token}-{n:04d}.snappy.parquet"
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(part.drop_columns(list(spec.partition_by)), path, compression="snappy")
@@ -368,6 +382,13 @@ def open_store(
     `run` identifies the writer; reading needs none.
     """
     root = Path(path).expanduser().absolute()
+    unsafe = sorted(set(_UNSAFE_PATH.findall(str(root))))
+    if unsafe:
+        raise StoreError(
+            f"the store path {str(root)!r} contains {unsafe}: polars and delta-rs percent-encode "
+            "such characters and then cannot find the files. Use a path of letters, digits "
+            "and . _ - / only."
+        )
     run = run or RunInfo.new("python")
     marker = root / MARKER
     if create:

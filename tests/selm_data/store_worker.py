@@ -10,6 +10,7 @@ import resource
 import signal
 import sys
 import time
+from pathlib import Path
 
 from selm_data import LeaseHeldError, StoreError, open_store
 from selm_data.store import RunInfo
@@ -47,6 +48,17 @@ def claim_and_write(store_path: str, work: str, hold: float, first: int) -> None
         print("wrote", flush=True)
 
 
+def append_on_signal(store_path: str, go: str, first: int, count: int) -> None:
+    """Open the store, wait until the file `go` exists, then append: writers start together."""
+    store = open_store(store_path, run=RunInfo.new("worker overlap"))
+    store.record_run()
+    print("ready", flush=True)
+    while not Path(go).exists():
+        time.sleep(0.001)
+    result = store.append("prompts", prompt_rows(first, count))
+    print(f"added {result.added}", flush=True)
+
+
 def create(store_path: str) -> None:
     store = open_store(store_path, create=True, run=RunInfo.new("worker create"))
     store.record_run()
@@ -79,6 +91,8 @@ if __name__ == "__main__":
         append_batches(args[0], int(args[1]), int(args[2]), int(args[3]))
     elif mode == "claim":
         claim_and_write(args[0], args[1], float(args[2]), int(args[3]))
+    elif mode == "overlap":
+        append_on_signal(args[0], args[1], int(args[2]), int(args[3]))
     elif mode == "create":
         create(args[0])
     elif mode == "fsize":

@@ -96,6 +96,23 @@ def test_disjoint_writers_at_once_lose_nothing(store_path):
     assert verify(open_store(store_path)) == []
 
 
+def test_overlapping_writers_at_once_store_each_row_once(store_path, tmp_path):
+    go = tmp_path / "go"
+    writers = [start("overlap", store_path, go, 100 * k, 400) for k in range(4)]
+    for w in writers:
+        wait_for_line(w, "ready")
+    go.touch()  # all four append overlapping rows (0-399, 100-499, ...) at the same moment
+    added = 0
+    for w in writers:
+        out, err = w.communicate(timeout=120)
+        assert w.returncode == 0, err
+        added += int(out.split()[-1])
+    rows = prompt_rows_of(store_path)
+    assert added == rows.height == 700
+    assert sorted(rows["source_row"].to_list()) == list(range(700))
+    assert verify(open_store(store_path)) == []
+
+
 def test_two_claimants_of_the_same_work_only_one_writes(store_path):
     first = start("claim", store_path, "build/iter=1/shard=0", 3.0, 0)
     holder_line = wait_for_line(first, "claimed")
@@ -148,6 +165,9 @@ def test_failed_write_loses_nothing_and_says_what_to_do(store_path):
     assert "writing 5000 rows to prompts failed" in err and "File too large" in err
     assert "unchanged at version 1" in err and "run the same command again" in err
     assert prompt_rows_of(store_path).height == 10
+    data_files = list((store_path / "prompts").rglob("*.parquet"))
+    data_files = [p for p in data_files if "_delta_log" not in p.parts]
+    assert len(data_files) == 1, "no partial file of the failed write is left"
     assert verify(open_store(store_path)) == []
     rerun = start("append", store_path, 1, 5010, 0)  # the same rows, without the limit
     rerun.communicate(timeout=120)

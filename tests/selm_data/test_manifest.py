@@ -103,12 +103,35 @@ def test_missing_field_is_named(tmp_path, demo):
         (lambda m: m.update(portions={"count": 1}), r"portions.count \(1\) is below"),
         (lambda m: m["train"].update(beta=0), r"train\.beta: Input should be greater than 0"),
         (lambda m: m.update(iterations=[]), r"iterations: List should have at least 1 item"),
+        (lambda m: m.update(iterations=True), r"iterations: Input should be a valid list"),
+        (lambda m: m["source"].update(bundled="../manifest.py"), r"no bundled dataset"),
+        (lambda m: m["source"].update(revision="main"), r"revision applies to a Hub dataset"),
+        (lambda m: m["source"].update(limit=1), r"source.limit \(1\) leaves some of the 2"),
+        (lambda m: m["generation"].update(server={"base_url": "http://127.0.0.1:8000/v1"}),
+         r"generation: backend 'openai' needs a 'server', and only it uses one"),
+        (lambda m: m["ranker"].update(server={"base_url": "http://127.0.0.1:8000/v1"}),
+         r"ranker: ranker kind 'judge' needs a 'server', and only it uses one"),
+        (lambda m: m.update(name=""), r"name: String should have at least 1 character"),
+        (lambda m: m["policy"].update(trust_remote_code="yes"),
+         r"policy\.trust_remote_code: Input should be a valid boolean"),
     ],
 )
 def test_combinations_that_make_no_sense_are_refused(tmp_path, demo, edit, message):
     edit(demo)
     with pytest.raises(ManifestError, match=message):
         load_manifest(write(tmp_path, demo))
+
+
+def test_an_iteration_that_resolves_to_bad_settings_is_named(tmp_path, demo):
+    demo["iterations"][1]["loss"] = "dpo"  # while train.alpha > 0
+    with pytest.raises(ManifestError, match=r"iteration 2 \(iterations\.1\) with train: alpha "
+                                            r"applies to loss 'selm' only"):
+        load_manifest(write(tmp_path, demo))
+
+
+def test_numbers_yaml_reads_as_strings_still_load(tmp_path, demo):
+    demo["train"]["learning_rate"] = "5e-7"  # what PyYAML makes of `learning_rate: 5e-7`
+    assert load_manifest(write(tmp_path, demo)).train.learning_rate == 5e-7
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
