@@ -142,6 +142,7 @@ class PairingSpec(_Spec):
     # best_worst: best and worst of {y_ref, y_w, y_l} (SELM's default);
     # replace: compare y_w with y_ref and replace one side of the pair (SELM Appendix C).
     rule: Literal["best_worst", "replace"] = "best_worst"
+    ties: Literal["keep", "drop"] = "keep"  # keep: a tied pair is stored, flagged is_tie
 
 
 Loss = Literal["dpo", "ipo", "selm"]

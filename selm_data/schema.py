@@ -216,6 +216,8 @@ PAIRS = TableSpec(
             _field("chosen_id", pa.string(), False),
             _field("rejected_id", pa.string(), False),
             _field("ref_id", pa.string()),  # the policy's own response (y_ref), for SELM's term
+            _field("chosen_origin", pa.string()),  # which candidate won: policy, dataset_chosen..
+            _field("rejected_origin", pa.string()),
             _field("chosen_score", pa.float64()),
             _field("rejected_score", pa.float64()),
             _field("margin", pa.float64()),
@@ -235,6 +237,27 @@ PAIRS = TableSpec(
         _runs_ref(),
     ),
     stats_columns=("pair_id", "prompt_id", "iteration", "ranking_id", "run_id"),
+)
+
+QUARANTINE = TableSpec(
+    name="quarantine",
+    description="Source rows that cannot be used, with the reason: counted, never dropped.",
+    schema=pa.schema(
+        [
+            _field("quarantine_id", pa.string(), False),
+            _field("source", pa.string(), False),
+            _field("source_revision", pa.string()),
+            _field("source_split", pa.string()),
+            _field("source_row", pa.int64(), False),
+            _field("reason", pa.string(), False),
+            _field("detail", pa.string()),
+            *_bookkeeping(),
+        ]
+    ),
+    id_column="quarantine_id",
+    id_fields=("source", "source_revision", "source_split", "source_row", "reason"),
+    references=(_runs_ref(),),
+    stats_columns=("quarantine_id", "source_row", "reason", "run_id"),
 )
 
 SNAPSHOTS = TableSpec(
@@ -289,7 +312,7 @@ CHECKPOINTS = TableSpec(
 
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (RUNS, PROMPTS, RESPONSES, JUDGMENTS, PAIRS, SNAPSHOTS, CHECKPOINTS)
+    for spec in (RUNS, PROMPTS, QUARANTINE, RESPONSES, JUDGMENTS, PAIRS, SNAPSHOTS, CHECKPOINTS)
 }
 
 

@@ -7,13 +7,20 @@ from selm_data.schema import RESPONSES, SNAPSHOTS, content_id, row_id
 Rows = dict[str, list[dict]]
 
 # Order in which a chain is written so every reference resolves.
-WRITE_ORDER = ("prompts", "responses", "judgments", "pairs", "snapshots", "checkpoints")
+WRITE_ORDER = (
+    "prompts", "quarantine", "responses", "judgments", "pairs", "snapshots", "checkpoints",
+)
 
 
 def chain_rows(iteration: int, n_prompts: int, *, tag: str = "") -> Rows:
     """One iteration's worth of consistent rows in every table: prompts, the three candidate
     responses of each prompt, their ranking, the best-worst pair, a snapshot and a checkpoint."""
     rows: Rows = {t: [] for t in ("prompts", "responses", "judgments", "pairs")}
+    rows["quarantine"] = [
+        {"source": "tests", "source_revision": None, "source_split": "train",
+         "source_row": 10_000 + iteration,
+         "reason": "chosen equals rejected", "detail": f"row of {tag}{iteration}"}
+    ]
     sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 64, "seed": None}
     for i in range(n_prompts):
         messages = [{"role": "user", "content": f"question {tag}{iteration}-{i}"}]
@@ -49,7 +56,8 @@ def chain_rows(iteration: int, n_prompts: int, *, tag: str = "") -> Rows:
             {"prompt_id": prompt_id, "iteration": iteration, "ranking_id": ranking_id,
              "rule": "best_worst", "chosen_id": candidates[1], "rejected_id": candidates[2],
              "ref_id": candidates[0], "chosen_score": 0.9, "rejected_score": -0.2,
-             "margin": 1.1, "is_tie": False}
+             "margin": 1.1, "is_tie": False, "chosen_origin": "dataset_chosen",
+             "rejected_origin": "dataset_rejected"}
         )
     snapshot = {"name": f"iter{iteration}{tag}", "iteration": iteration,
                 "path": f"snapshots/iter{iteration}", "format": "parquet",

@@ -43,6 +43,7 @@ def _derived_id(table: str, row: dict) -> str:
     the table's identity fields (every test row gives each of them explicitly)."""
     fields = {
         "prompts": ["messages"],
+        "quarantine": ["source", "source_revision", "source_split", "source_row", "reason"],
         "responses": ["prompt_id", "origin", "policy_fingerprint", "sampling", "sample_index",
                       "status"],
         "judgments": ["ranking_id", "response_id"],
