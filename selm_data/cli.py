@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from selm_data.errors import SelmError
-from selm_data.manifest import Manifest, find_manifest, load_manifest
+from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
 from selm_data.schema import TABLES
+from selm_data.sources import LAYOUTS, load_source
 from selm_data.store import RunInfo, Store, open_store
 from selm_data.verify import verify
 
@@ -28,6 +29,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+sources_app = typer.Typer(help="Inspect preference datasets before building from them.")
+app.add_typer(sources_app, name="sources")
 
 ManifestOpt = Annotated[
     Path | None,
@@ -191,6 +194,37 @@ def verify_cmd(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         out.add_row(p.table, p.check, p.detail)
     console.print(out)
     raise typer.Exit(1)
+
+
+@sources_app.command("check")
+def sources_check(
+    source: Annotated[str, typer.Argument(help="A local jsonl/json/parquet file or a Hub id.")],
+    split: Annotated[str, typer.Option(help="Split to read.")] = "train",
+    revision: Annotated[str | None, typer.Option(help="Hub revision (commit or tag).")] = None,
+    layout: Annotated[
+        str, typer.Option(help=f"auto, or one of {', '.join(LAYOUTS)}.")
+    ] = "auto",
+    limit: Annotated[int | None, typer.Option(help="Read only the first N rows.")] = None,
+) -> None:
+    """Detect a dataset's layout; count usable, duplicate and quarantined rows. Builds nothing."""
+    where = {"path": source} if Path(source).exists() else {"hub": source}
+    try:
+        spec = SourceSpec(**where, split=split, revision=revision, layout=layout, limit=limit)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise SelmError(f"invalid source options: {e}") from e
+    loaded = load_source(spec)
+    table = Table(title=f"{loaded.source} ({loaded.split})")
+    table.add_column("")
+    table.add_column("rows", justify="right")
+    table.add_row("layout", loaded.layout)
+    table.add_row("rows read", str(loaded.rows_read))
+    table.add_row("usable examples", str(len(loaded.examples)))
+    table.add_row("duplicate prompts", str(loaded.duplicates))
+    for reason, count in sorted(loaded.reason_counts().items()):
+        table.add_row(f"quarantined: {reason}", str(count))
+    console.print(table)
+    for q in loaded.quarantined[:5]:
+        console.print(f"  row {q.source_row}: {q.reason}: {q.detail}", highlight=False)
 
 
 def main() -> None:

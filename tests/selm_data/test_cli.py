@@ -101,3 +101,20 @@ def test_secrets_never_reach_the_recorded_command():
     assert "hf_abc" not in line and "sk-1" not in line and "hf_x" not in line
     assert line == ("selm-data push snap --token *** --api-key=*** --hub-token *** "
                     "--repo-id org/name")
+
+
+def test_sources_check_reports_layout_counts_and_reasons(tmp_path):
+    data = REPO.parent / "shared" / "data" / "ultrafeedback_binarized_1000.jsonl"
+    env_cache = {"HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [str(BIN / "selm-data"), "sources", "check", str(data)], cwd=tmp_path,
+        env={**os.environ, **env_cache, "COLUMNS": "200"}, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cells = {line.split("│")[1].strip(): line.split("│")[2].strip()
+             for line in proc.stdout.splitlines() if line.count("│") == 3}
+    assert cells["layout"] == "flat" and cells["rows read"] == "1000"
+    assert cells["usable examples"] == "994"
+    assert cells["quarantined: chosen equals rejected"] == "4"
+    assert "row 478: missing rejected" in proc.stdout
