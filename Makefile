@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= manifests/demo.yaml
+# torch first and pinned: 2.13.0 is a local CPU build here; unpinned, pip takes a multi-GB CUDA
+# build. On a GPU machine: make TORCH=torch==2.13.0 ... with your CUDA index configured.
+TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint bench clean
 
@@ -13,6 +16,7 @@ $(BIN)/python:
 
 # Stamp files make the install run once, and again whenever pyproject.toml changes.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
