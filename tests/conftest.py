@@ -63,3 +63,18 @@ def build_tiny_lm(folder: Path, *, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny sequence-classification reward model (one label) sharing tiny_lm's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-rm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    config = LlamaConfig.from_pretrained(tiny_lm, num_labels=1)
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,94 @@
+"""Rankers: score every candidate response to a prompt, behind one interface.
+
+A ranker returns full scores, not only an order, so ties and margins survive into the store;
+ranks are derived from scores by `pairing.ranks` (rank 1 best, ties by position). `name` and
+`version` identify the ranker in lineage: a ranking's id includes both.
+
+Here: any sequence-classification reward model (`reward_model`). PairRM through llm-blender and
+an LLM judge share this interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from selm_data.errors import SelmError
+from selm_data.manifest import RankerSpec
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    messages: list[Message]  # the prompt turns
+    candidates: list[str]  # responses, in the order (y_ref, y_w, y_l)
+
+
+class Ranker(Protocol):
+    name: str
+    version: str
+
+    def score(self, requests: Sequence[RankRequest]) -> list[list[float]]: ...
+
+
+class RewardModelRanker:
+    """A sequence-classification reward model: the score of a candidate is the model's single
+    logit for the conversation (prompt turns + the candidate as the assistant turn), rendered
+    with the reward model's own chat template."""
+
+    def __init__(self, model_path: str, *, revision: str | None, batch_size: int,
+                 fingerprint: str):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, revision=revision, use_safetensors=True
+        ).eval()
+        if self.model.config.num_labels != 1:
+            raise SelmError(
+                f"reward model {model_path} has {self.model.config.num_labels} labels; a reward "
+                "model for ranking has exactly one (a scalar score)"
+            )
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size = batch_size
+        self.name = f"reward_model:{model_path}"
+        self.version = fingerprint
+        self._torch = torch
+
+    def score(self, requests: Sequence[RankRequest]) -> list[list[float]]:
+        texts = [self._render(r.messages, c) for r in requests for c in r.candidates]
+        flat: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            flat += self._score_batch(texts[start:start + self.batch_size])
+        out, k = [], 0
+        for r in requests:
+            out.append(flat[k:k + len(r.candidates)])
+            k += len(r.candidates)
+        return out
+
+    def _render(self, messages: list[Message], candidate: str) -> str:
+        conversation = [*messages, {"role": "assistant", "content": candidate}]
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False)
+
+    def _score_batch(self, texts: list[str]) -> list[float]:
+        enc: Any = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                  add_special_tokens=False)
+        with self._torch.inference_mode():
+            logits = self.model(**enc).logits
+        return [float(x) for x in logits[:, 0].float().tolist()]
+
+
+def make_ranker(spec: RankerSpec, model_path: str, fingerprint: str) -> Ranker:
+    if spec.kind == "reward_model":
+        return RewardModelRanker(model_path, revision=spec.revision,
+                                 batch_size=spec.batch_size, fingerprint=fingerprint)
+    raise SelmError(
+        f"ranker kind {spec.kind!r} is not available in this version of selm; "
+        "use `kind: reward_model` with a sequence-classification model"
+    )
