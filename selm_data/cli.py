@@ -13,8 +13,10 @@ from typing import Annotated
 import polars as pl
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from selm_data.build import BuildReport, Shard, build
 from selm_data.errors import SelmError
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
 from selm_data.schema import TABLES
@@ -194,6 +196,54 @@ def verify_cmd(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         out.add_row(p.table, p.check, p.detail)
     console.print(out)
     raise typer.Exit(1)
+
+
+@app.command("build")
+def build_cmd(
+    iteration: Annotated[int, typer.Option("--iter", help="The iteration to build (1..T).")],
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+    shard: Annotated[str, typer.Option(help="i/k: build shard i of k (one process each).")] = "0/1",
+    policy: Annotated[
+        str | None, typer.Option(help="Generate with this model instead (recorded).")
+    ] = None,
+) -> None:
+    """Generate, rank and pair portion N of the dataset; rerun to resume after a crash."""
+    path, loaded = _resolve(store, manifest)
+    assert loaded is not None, "build needs a manifest"
+    s = open_store(path, create=True, run=_run_info(loaded))
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"iteration {iteration}", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"iteration {iteration}")
+
+        report = build(loaded, iteration, s, shard=Shard.parse(shard), policy=policy,
+                       progress=progress)
+    _print_report(s, report)
+
+
+def _print_report(s: Store, report: BuildReport) -> None:
+    table = Table(title=f"iteration {report.iteration}, shard {report.shard}: {report.policy}")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    for label, value in (
+        ("source rows", report.source_rows), ("quarantined", report.quarantined),
+        ("duplicate prompts", report.duplicates), ("prompts in this shard", report.prompts),
+        ("responses generated", report.generated), ("generations failed", len(report.failed)),
+        ("rankings", report.ranked), ("pairs", report.pairs), ("ties", report.ties),
+        ("ties dropped", report.dropped_ties), ("y_ref chosen", report.ref_won),
+    ):
+        table.add_row(label, str(value))
+    console.print(table)
+    for pid, reason in report.failed[:5]:
+        console.print(f"  failed: prompt {pid}: {reason}", highlight=False)
+    pairs = s.root / "pairs"
+    console.print(
+        f'look at them: pl.scan_delta("{pairs}").filter(pl.col("iteration") == '
+        f"{report.iteration}).collect()", highlight=False, soft_wrap=True,
+    )
 
 
 @sources_app.command("check")

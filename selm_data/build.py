@@ -1,0 +1,334 @@
+"""`selm-data build --iter N`: portion N of the dataset in, iteration N's pairs out.
+
+SELM's Algorithm 1, one iteration, as data:
+
+    source -> prompts (portion N, this shard) -> responses (y_ref from the policy; y_w, y_l from
+    the dataset) -> judgments (the ranker's scores of the three) -> pairs (the rule's choice)
+
+Work goes in batches of `generation.batch_size` prompts, each committed before the next, so a
+killed build loses at most one batch. Everything has a content-derived id, and the build first
+reads what the store already holds for its shard, so rerunning the same command redoes only
+unfinished work: responses already generated are not generated again, rankings are not redone.
+`--shard i/k` builds the prompts whose id hashes to i (mod k) under a lease, so k processes
+(one per GPU or node) build one iteration into one store at once. Sharded and single-process
+builds make the same pairs; their scores agree to float precision (a model's outputs move by
+~1e-6 with the composition of its batch). A resumed build ranks the same batches as an
+uninterrupted one, so its pairs are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from selm_data.errors import SelmError
+from selm_data.generate import GenerationRequest, Generator, make_generator, requests_for
+from selm_data.manifest import Manifest
+from selm_data.models import ResolvedModel, resolve_policy
+from selm_data.pairing import Candidate, make_pair, ranks
+from selm_data.portions import assign_portions
+from selm_data.rank import Ranker, RankRequest, make_ranker
+from selm_data.schema import PROMPTS, RESPONSES, content_id, row_id
+from selm_data.sources import Example, LoadedSource, load_source
+from selm_data.store import Store
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """'i/k', 0 <= i < k."""
+        try:
+            i, k = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise SelmError(f"--shard takes i/k (e.g. 0/4), not {text!r}") from None
+        if not 0 <= i < k:
+            raise SelmError(f"--shard {text}: i must be in 0..k-1")
+        return cls(i, k)
+
+    def holds(self, prompt_id: str) -> bool:
+        digest = hashlib.sha256(prompt_id.encode()).hexdigest()
+        return int(digest[:8], 16) % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+
+@dataclass
+class BuildReport:
+    iteration: int
+    shard: str
+    policy: str
+    source_rows: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    prompts: int = 0  # of this portion and shard
+    already_paired: int = 0  # done by an earlier run
+    generated: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, reason)
+    ranked: int = 0
+    pairs: int = 0
+    ties: int = 0
+    dropped_ties: int = 0
+    ref_won: int = 0  # pairs whose chosen response is the policy's own
+
+
+def build(
+    manifest: Manifest,
+    iteration: int,
+    store: Store,
+    *,
+    shard: Shard = Shard(0, 1),
+    policy: str | None = None,
+    generator: Generator | None = None,
+    ranker: Ranker | None = None,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Build iteration `iteration` of `manifest` into `store`. `generator` and `ranker` default
+    to the manifest's; passing them lets a caller reuse loaded models across calls."""
+    spec = manifest.iteration(iteration)
+    loaded = load_source(manifest.source)
+    portion = _portion(manifest, loaded, iteration)
+    mine = [(pid, ex) for pid, ex in portion if shard.holds(pid)]
+    with store.claim(f"build/iter={iteration}/shard={shard}"):
+        _store_inputs(store, loaded, mine, iteration)
+        if spec.pairs == "original":
+            report = BuildReport(iteration, str(shard), policy="(none: original pairs)")
+            _count_source(report, loaded, mine)
+            _original_pairs(store, manifest, loaded, mine, iteration, report)
+            return report
+        model = resolve_policy(policy or _policy_of(store, manifest, iteration),
+                               revision=manifest.policy.revision if policy is None else None)
+        report = BuildReport(iteration, str(shard), policy=model.reference)
+        _count_source(report, loaded, mine)
+        _ranked_pairs(store, manifest, mine, iteration, model, generator, ranker, report,
+                      progress or (lambda *_: None))
+        return report
+
+
+def _portion(manifest: Manifest, loaded: LoadedSource, t: int) -> list[tuple[str, Example]]:
+    ids = [row_id(PROMPTS, {"messages": ex.messages}) for ex in loaded.examples]
+    portions = assign_portions(ids, manifest.num_portions, manifest.portions.split)
+    return [(pid, ex) for pid, ex, p in zip(ids, loaded.examples, portions, strict=True) if p == t]
+
+
+def _count_source(report: BuildReport, loaded: LoadedSource, mine: list) -> None:
+    report.source_rows = loaded.rows_read
+    report.quarantined = len(loaded.quarantined)
+    report.duplicates = loaded.duplicates
+    report.prompts = len(mine)
+
+
+def _policy_of(store: Store, manifest: Manifest, iteration: int) -> str:
+    """Iteration 1 starts from the manifest's policy; iteration t from t-1's checkpoint."""
+    if iteration == 1:
+        return manifest.policy.model
+    found = (
+        store.scan("checkpoints").filter(pl.col("iteration") == iteration - 1)
+        .sort("created_at").select("path").collect()
+    )
+    if found.height == 0:
+        raise SelmError(
+            f"iteration {iteration} generates with the policy trained in iteration "
+            f"{iteration - 1}, and the store has no checkpoint for it. Train it with "
+            f"`selm-train --iter {iteration - 1}`, or pass --policy PATH to use another model."
+        )
+    return found["path"][-1]
+
+
+def _store_inputs(store: Store, loaded: LoadedSource, mine: list, iteration: int) -> None:
+    """Quarantined source rows, this shard's prompts and the dataset's own two responses."""
+    where = {"source": loaded.source, "source_revision": loaded.revision,
+             "source_split": loaded.split}
+    store.append("quarantine", [
+        {**where, "source_row": q.source_row, "reason": q.reason, "detail": q.detail}
+        for q in loaded.quarantined
+    ])
+    store.append("prompts", [
+        {**where, "prompt_id": pid, "iteration": iteration, "messages": ex.messages,
+         "source_row": ex.source_row}
+        for pid, ex in mine
+    ])
+    store.append("responses", [
+        row for pid, ex in mine for row in _dataset_responses(pid, ex, iteration)
+    ])
+
+
+def _dataset_responses(pid: str, ex: Example, iteration: int) -> list[dict]:
+    return [
+        {"prompt_id": pid, "iteration": iteration, "origin": origin, "sample_index": 0,
+         "status": "ok", "text": text, "source_score": score}
+        for origin, text, score in (("dataset_chosen", ex.chosen, ex.score_chosen),
+                                    ("dataset_rejected", ex.rejected, ex.score_rejected))
+    ]
+
+
+def _dataset_ids(pid: str, ex: Example, iteration: int) -> tuple[str, str]:
+    chosen, rejected = _dataset_responses(pid, ex, iteration)
+    return row_id(RESPONSES, chosen), row_id(RESPONSES, rejected)
+
+
+def _original_pairs(store: Store, manifest: Manifest, loaded: LoadedSource, mine: list,
+                    iteration: int, report: BuildReport) -> None:
+    """A plain-DPO iteration on the dataset's own pairs: the dataset's scores are the ranking."""
+    judgments, pairs = [], []
+    ranker, version = "dataset", f"{loaded.source}@{loaded.revision or ''}:{loaded.split}"
+    for pid, ex in mine:
+        ids = list(_dataset_ids(pid, ex, iteration))
+        ranking = content_id("ranking", {"prompt_id": pid, "ranker": ranker, "version": version,
+                                         "candidates": ids})
+        for pos, (rid, score) in enumerate(zip(ids, (ex.score_chosen, ex.score_rejected),
+                                               strict=True)):
+            judgments.append(_judgment(ranking, pid, iteration, rid, pos, 2, score, pos + 1,
+                                       ranker, version))
+        tie = ex.score_chosen is not None and ex.score_chosen == ex.score_rejected
+        margin = (None if ex.score_chosen is None or ex.score_rejected is None
+                  else ex.score_chosen - ex.score_rejected)
+        pairs.append({"prompt_id": pid, "iteration": iteration, "ranking_id": ranking,
+                      "rule": "original", "chosen_id": ids[0], "rejected_id": ids[1],
+                      "chosen_score": ex.score_chosen, "rejected_score": ex.score_rejected,
+                      "margin": margin, "is_tie": tie, "chosen_origin": "dataset_chosen",
+                      "rejected_origin": "dataset_rejected"})
+        report.ties += tie
+    store.append("judgments", judgments)
+    store.append("pairs", pairs)
+    report.pairs = len(pairs)
+
+
+def _judgment(ranking: str, pid: str, iteration: int, rid: str, pos: int, n: int,
+              score: float | None, rank: int, ranker: str, version: str) -> dict:
+    return {"ranking_id": ranking, "prompt_id": pid, "iteration": iteration,
+            "response_id": rid, "position": pos, "n_candidates": n, "score": score,
+            "rank": rank, "ranker": ranker, "ranker_version": version}
+
+
+@dataclass
+class _Done:
+    """What the store already holds for this iteration, read once at the start of a build."""
+
+    texts: dict[str, str]  # ok response id -> text
+    rankings: dict[str, list[float]]  # ranking id -> scores by position
+    pairs: set[str]  # ranking ids that have a pair
+
+
+def _done(store: Store, iteration: int) -> _Done:
+    it = pl.col("iteration") == iteration
+    ok = (store.scan("responses").filter(it & (pl.col("status") == "ok"))
+          .select("response_id", "text").collect())
+    judged = (store.scan("judgments").filter(it).sort("position")
+              .group_by("ranking_id", maintain_order=True).agg("score").collect())
+    paired = store.scan("pairs").filter(it).select("ranking_id").collect()
+    return _Done(
+        texts=dict(zip(ok["response_id"].to_list(), ok["text"].to_list(), strict=True)),
+        rankings={r: s for r, s in judged.iter_rows()},
+        pairs=set(paired["ranking_id"].to_list()),
+    )
+
+
+def _ranked_pairs(store: Store, manifest: Manifest, mine: list, iteration: int,
+                  model: ResolvedModel, generator: Generator | None, ranker: Ranker | None,
+                  report: BuildReport, progress: Progress) -> None:
+    done = _done(store, iteration)
+    if ranker is None:
+        rm = resolve_policy(manifest.ranker.model, revision=manifest.ranker.revision)
+        ranker = make_ranker(manifest.ranker, rm.path, rm.fingerprint)
+    batch_size = manifest.generation.batch_size
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
+        requests = requests_for(manifest.generation, [(pid, ex.messages) for pid, ex in batch])
+        todo = [r for r in requests if _response_id(r, model, "ok") not in done.texts]
+        if todo:
+            generator = generator or make_generator(manifest.generation, manifest.policy,
+                                                    model.path, model.revision)
+            _generate(store, generator, todo, iteration, model, done, report)
+        _rank_and_pair(store, manifest, batch, iteration, model, ranker, done, report)
+        progress("prompts", min(start + batch_size, len(mine)), len(mine))
+
+
+def _response_id(r: GenerationRequest, model: ResolvedModel, status: str) -> str:
+    return row_id(RESPONSES, {"prompt_id": r.prompt_id, "origin": "policy",
+                              "policy_fingerprint": model.fingerprint,
+                              "sampling": r.sampling.as_row(), "sample_index": r.sample_index,
+                              "status": status})
+
+
+def _generate(store: Store, generator: Generator, todo: Sequence[GenerationRequest],
+              iteration: int, model: ResolvedModel, done: _Done, report: BuildReport) -> None:
+    rows = []
+    for r, result in zip(todo, generator.generate(todo), strict=True):
+        rows.append({
+            "prompt_id": r.prompt_id, "iteration": iteration, "origin": "policy",
+            "sample_index": r.sample_index, "status": result.status, "error": result.error,
+            "text": result.text, "policy": model.reference,
+            "policy_fingerprint": model.fingerprint, "backend": generator.backend,
+            "sampling": r.sampling.as_row(), "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "finish_reason": result.finish_reason,
+        })
+        if result.status == "ok":
+            done.texts[_response_id(r, model, "ok")] = result.text or ""
+            report.generated += 1
+        else:
+            report.failed.append((r.prompt_id, result.error or "unknown error"))
+    store.append("responses", rows)
+
+
+def _rank_and_pair(store: Store, manifest: Manifest, batch: list, iteration: int,
+                   model: ResolvedModel, ranker: Ranker, done: _Done,
+                   report: BuildReport) -> None:
+    """Rank (y_ref, y_w, y_l) of each prompt whose y_ref exists, then pair by the rule."""
+    items = []
+    for pid, ex in batch:
+        request = requests_for(manifest.generation, [(pid, ex.messages)])[0]  # sample 0: y_ref
+        ref = _response_id(request, model, "ok")
+        if ref not in done.texts:
+            continue  # generation failed: recorded, reported, not ranked
+        ids = [ref, *_dataset_ids(pid, ex, iteration)]
+        ranking = content_id("ranking", {"prompt_id": pid, "ranker": ranker.name,
+                                         "version": ranker.version, "candidates": ids})
+        items.append((pid, ex, ids, ranking, done.texts[ref]))
+    if not items:
+        return
+    report.already_paired += sum(1 for *_, ranking, _ in items if ranking in done.pairs)
+    new = [it for it in items if it[3] not in done.rankings]
+    if new:
+        scores = ranker.score([RankRequest(ex.messages, [text, ex.chosen, ex.rejected])
+                               for _, ex, _, _, text in new])
+        judgments = []
+        for (pid, _, ids, ranking, _), row in zip(new, scores, strict=True):
+            done.rankings[ranking] = row
+            for pos, (rid, score, rank) in enumerate(zip(ids, row, ranks(row), strict=True)):
+                judgments.append(_judgment(ranking, pid, iteration, rid, pos, 3, score, rank,
+                                           ranker.name, ranker.version))
+        store.append("judgments", judgments)
+        report.ranked += len(new)
+    pairs = []
+    origins = ("policy", "dataset_chosen", "dataset_rejected")
+    for pid, _, ids, ranking, _ in items:
+        candidates = [Candidate(i, o, s) for i, o, s in
+                      zip(ids, origins, done.rankings[ranking], strict=True)]
+        pair = make_pair(manifest.pairing.rule, candidates, manifest.pairing.ties)
+        if pair is None:
+            report.dropped_ties += 1
+            continue
+        report.pairs += 1
+        report.ties += pair.is_tie
+        report.ref_won += pair.chosen.origin == "policy"
+        pairs.append({
+            "prompt_id": pid, "iteration": iteration, "ranking_id": ranking, "rule": pair.rule,
+            "chosen_id": pair.chosen.response_id, "rejected_id": pair.rejected.response_id,
+            "ref_id": ids[0], "chosen_score": pair.chosen.score,
+            "rejected_score": pair.rejected.score, "margin": pair.margin,
+            "is_tie": pair.is_tie, "chosen_origin": pair.chosen.origin,
+            "rejected_origin": pair.rejected.origin,
+        })
+        done.pairs.add(ranking)
+    store.append("pairs", pairs)
