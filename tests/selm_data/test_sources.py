@@ -30,7 +30,7 @@ from selm_data.sources import (
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 UF_1000 = SHARED_DATA / "ultrafeedback_binarized_1000.jsonl"
-BUNDLED = "ultrafeedback_binarized_200.jsonl"
+BUNDLED = "ultrafeedback_binarized_1000.jsonl"
 
 # Worked by hand from the file (rows 0-based): four pairs whose two answers are the same text,
 # one blank chosen (row 833) and one blank rejected (row 478). No prompt repeats.
@@ -114,8 +114,8 @@ def test_flat_layout_on_the_real_1000_rows() -> None:
 
 
 def test_bundled_file_and_forced_flat_layout() -> None:
-    raw = _raw(UF_1000)[:200]  # the bundled file is the first 200 rows of the shared one
-    loaded = load_source(SourceSpec(bundled=BUNDLED, layout="flat"))
+    raw = _raw(UF_1000)[:200]  # the bundled file is a copy of the shared one
+    loaded = load_source(SourceSpec(bundled=BUNDLED, layout="flat", limit=200))
 
     assert (loaded.layout, loaded.rows_read, loaded.quarantined, loaded.duplicates) == (
         "flat", 200, [], 0)
