@@ -239,11 +239,45 @@ def _print_report(s: Store, report: BuildReport) -> None:
     console.print(table)
     for pid, reason in report.failed[:5]:
         console.print(f"  failed: prompt {pid}: {reason}", highlight=False)
+    _print_examples(s, report.iteration)
     pairs = s.root / "pairs"
     console.print(
         f'look at them: pl.scan_delta("{pairs}").filter(pl.col("iteration") == '
         f"{report.iteration}).collect()", highlight=False, soft_wrap=True,
     )
+
+
+def _print_examples(s: Store, iteration: int, k: int = 2) -> None:
+    """Margins of the iteration's pairs and `k` example pairs, text shortened."""
+    pairs = s.scan("pairs").filter(pl.col("iteration") == iteration)
+    stats = pairs.select(
+        pl.len().alias("n"), pl.col("margin").mean().alias("mean"),
+        pl.col("margin").min().alias("min"), pl.col("margin").max().alias("max"),
+    ).collect().row(0, named=True)
+    if not stats["n"]:
+        return
+    console.print(f"margins: mean {stats['mean']:.3f}, min {stats['min']:.3f}, "
+                  f"max {stats['max']:.3f}", highlight=False)
+    texts = s.scan("responses").select("response_id", "text")
+    prompts = s.scan("prompts").select("prompt_id", "messages")
+    examples = (
+        pairs.sort("pair_id").head(k).join(prompts, on="prompt_id")
+        .join(texts.rename({"response_id": "chosen_id", "text": "chosen"}), on="chosen_id")
+        .join(texts.rename({"response_id": "rejected_id", "text": "rejected"}), on="rejected_id")
+        .collect()
+    )
+    for row in examples.iter_rows(named=True):
+        prompt = row["messages"][-1]["content"]
+        console.print(f"\n[bold]prompt[/]: {_short(prompt)}")
+        console.print(f"[green]chosen[/] ({row['chosen_origin']}, {row['chosen_score']:.3f}): "
+                      f"{_short(row['chosen'])}", highlight=False)
+        console.print(f"[red]rejected[/] ({row['rejected_origin']}, "
+                      f"{row['rejected_score']:.3f}): {_short(row['rejected'])}", highlight=False)
+
+
+def _short(text: str | None, limit: int = 160) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @sources_app.command("check")

@@ -201,3 +201,27 @@ def test_shard_parse():
     for bad in ("4/4", "x", "1/0"):
         with pytest.raises(SelmError, match="--shard"):
             Shard.parse(bad)
+
+
+def test_build_command_prints_summary_examples_and_polars_line(tmp_path, tiny_lm, tiny_rm):
+    m = manifest_dict(tmp_path, tiny_lm, tiny_rm)
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(m))
+    cli = Path(sys.executable).parent / "selm-data"
+    proc = subprocess.run([str(cli), "build", "--iter", "1", "--manifest", str(path)],
+                          capture_output=True, text=True, timeout=300,
+                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin",
+                               "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "pairs" in out and "y_ref chosen" in out and "margins: mean" in out
+    assert out.count("prompt: ") == 2 and out.count("chosen (") == 2
+    assert f'pl.scan_delta("{m["store"]}/pairs")' in out
+    pairs = open_store(m["store"]).scan("pairs").collect()
+    assert pairs.height == 12
+    again = subprocess.run([str(cli), "build", "--iter", "1", "--manifest", str(path)],
+                           capture_output=True, text=True, timeout=300,
+                           env={"COLUMNS": "200", "PATH": "/usr/bin:/bin",
+                                "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert again.returncode == 0, again.stderr
+    assert open_store(m["store"]).scan("pairs").collect().height == 12
