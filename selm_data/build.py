@@ -237,9 +237,7 @@ def _ranked_pairs(store: Store, manifest: Manifest, mine: list, iteration: int,
                   model: ResolvedModel, generator: Generator | None, ranker: Ranker | None,
                   report: BuildReport, progress: Progress) -> None:
     done = _done(store, iteration)
-    if ranker is None:
-        rm = resolve_policy(manifest.ranker.model, revision=manifest.ranker.revision)
-        ranker = make_ranker(manifest.ranker, rm.path, rm.fingerprint)
+    ranker = ranker or make_ranker(manifest.ranker)
     batch_size = manifest.generation.batch_size
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]

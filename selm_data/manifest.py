@@ -125,7 +125,9 @@ class GenerationSpec(_Spec):
 
 
 class RankerSpec(_Spec):
-    kind: Literal["pairrm", "reward_model", "judge"] = "pairrm"
+    # demo: the bundled offline ranker (a Bradley-Terry head over MiniLM sentence embeddings,
+    # trained on bundled UltraFeedback pairs); it ignores `model`.
+    kind: Literal["pairrm", "reward_model", "judge", "demo"] = "pairrm"
     model: str = "llm-blender/PairRM"
     revision: str | None = None
     batch_size: PositiveInt = 8

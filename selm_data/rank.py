@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from selm_data.errors import SelmError
 from selm_data.manifest import RankerSpec
+from selm_data.models import resolve_policy
 
 Message = dict[str, str]
 
@@ -84,11 +85,17 @@ class RewardModelRanker:
         return [float(x) for x in logits[:, 0].float().tolist()]
 
 
-def make_ranker(spec: RankerSpec, model_path: str, fingerprint: str) -> Ranker:
+def make_ranker(spec: RankerSpec) -> Ranker:
+    """The ranker a manifest names, loaded."""
     if spec.kind == "reward_model":
-        return RewardModelRanker(model_path, revision=spec.revision,
-                                 batch_size=spec.batch_size, fingerprint=fingerprint)
+        model = resolve_policy(spec.model, revision=spec.revision)
+        return RewardModelRanker(model.path, revision=model.revision,
+                                 batch_size=spec.batch_size, fingerprint=model.fingerprint)
+    if spec.kind == "demo":
+        from selm_data.demo_ranker import load_demo_ranker
+
+        return load_demo_ranker()
     raise SelmError(
         f"ranker kind {spec.kind!r} is not available in this version of selm; "
-        "use `kind: reward_model` with a sequence-classification model"
+        "use `kind: reward_model` with a sequence-classification model, or `kind: demo`"
     )
