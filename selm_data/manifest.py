@@ -206,6 +206,9 @@ class Manifest(_Spec):
     pairing: PairingSpec = PairingSpec()
     train: TrainSpec = TrainSpec()
     iterations: list[IterationSpec] = Field(min_length=1)
+    # Prompts a build generates, ranks and commits at once: the unit of resume. Large, because
+    # every Delta commit costs more as a table gathers files (see build.py).
+    commit_every: PositiveInt = 256
 
     @model_validator(mode="before")
     @classmethod

@@ -38,6 +38,7 @@ def manifest_dict(tmp_path: Path, tiny_lm: Path, tiny_rm: Path, **overrides) -> 
         "ranker": {"kind": "reward_model", "model": str(tiny_rm), "batch_size": 6},
         "train": {"alpha": 0.001},
         "iterations": 2,
+        "commit_every": 4,  # three commits for the 12 prompts of a portion
     }
     for key, value in overrides.items():
         m[key] = {**m[key], **value} if isinstance(m.get(key), dict) else value
