@@ -209,8 +209,8 @@ def build_cmd(
     ] = None,
 ) -> None:
     """Generate, rank and pair portion N of the dataset; rerun to resume after a crash."""
-    path, loaded = _resolve(store, manifest)
-    assert loaded is not None, "build needs a manifest"
+    loaded = load_manifest(find_manifest(manifest))  # build needs the recipe, even with --store
+    path = store or Path(loaded.store)
     s = open_store(path, create=True, run=_run_info(loaded))
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:

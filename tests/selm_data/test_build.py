@@ -141,7 +141,9 @@ def test_kill_and_resume_gives_identical_pairs(tmp_path, tiny_lm, tiny_rm):
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     generated = int(out.split()[-1])
-    assert generated == 12 - partial.height or generated < 12, "only unfinished work is redone"
+    # Prompts already paired are not generated again (a chunk killed after its responses
+    # were committed but before its pairs were is not generated again either).
+    assert generated <= 12 - partial.height, "only unfinished work is redone"
     assert pair_content(Path(m["store"]), 1).equals(expected)
     assert verify(open_store(m["store"])) == []
 
