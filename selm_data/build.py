@@ -249,7 +249,8 @@ def _ranked_pairs(store: Store, manifest: Manifest, mine: list, iteration: int,
         todo = [r for r in requests if _response_id(r, model, "ok") not in done.texts]
         if todo:
             generator = generator or make_generator(manifest.generation, manifest.policy,
-                                                    model.path, model.revision)
+                                                    model.path, model.revision,
+                                                    seed=manifest.seed)
             _generate(store, generator, todo, iteration, model, done, report)
         _rank_and_pair(store, manifest, batch, iteration, model, ranker, done, report)
         progress("prompts", min(start + chunk, len(mine)), len(mine))

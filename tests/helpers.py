@@ -71,3 +71,22 @@ def chain_rows(iteration: int, n_prompts: int, *, tag: str = "") -> Rows:
          "base_model": "tiny-llama", "loss": "selm", "config": "{}"}
     ]
     return rows
+
+
+def require(module: str, install: str):
+    """Import an optional dependency (vLLM, llm-blender, openai) for a test, or skip.
+
+    `make test` installs them all and sets SELM_REQUIRE_OPTIONAL=1, so there a missing one
+    fails instead: CI cannot pass by skipping the real backends.
+    """
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("SELM_REQUIRE_OPTIONAL") == "1":
+            pytest.fail(f"{module} is required here (SELM_REQUIRE_OPTIONAL=1): {e}")
+        pytest.skip(f"needs {module}: pip install {install}")
