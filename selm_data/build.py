@@ -22,6 +22,7 @@ uninterrupted one, so its pairs are identical.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -78,6 +79,7 @@ class BuildReport:
     generated: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, reason)
     ranked: int = 0
+    unranked: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, reason)
     pairs: int = 0
     ties: int = 0
     dropped_ties: int = 0
@@ -307,15 +309,22 @@ def _rank_and_pair(store: Store, manifest: Manifest, batch: list, iteration: int
                                for _, ex, _, _, text in new])
         judgments = []
         for (pid, _, ids, ranking, _), row in zip(new, scores, strict=True):
+            unscored = [pos for pos, score in enumerate(row) if not math.isfinite(score)]
+            if unscored:  # not stored: a later run asks the ranker again
+                report.unranked.append((pid, f"{ranker.name} gave no score to candidate(s) "
+                                             f"{unscored} of (y_ref, y_w, y_l)"))
+                continue
             done.rankings[ranking] = row
             for pos, (rid, score, rank) in enumerate(zip(ids, row, ranks(row), strict=True)):
                 judgments.append(_judgment(ranking, pid, iteration, rid, pos, 3, score, rank,
                                            ranker.name, ranker.version))
         store.append("judgments", judgments)
-        report.ranked += len(new)
+        report.ranked += len(judgments) // 3
     pairs = []
     origins = ("policy", "dataset_chosen", "dataset_rejected")
     for pid, _, ids, ranking, _ in items:
+        if ranking not in done.rankings:
+            continue  # unranked: reported above
         candidates = [Candidate(i, o, s) for i, o, s in
                       zip(ids, origins, done.rankings[ranking], strict=True)]
         pair = make_pair(manifest.pairing.rule, candidates, manifest.pairing.ties)

@@ -232,13 +232,16 @@ def _print_report(s: Store, report: BuildReport) -> None:
         ("source rows", report.source_rows), ("quarantined", report.quarantined),
         ("duplicate prompts", report.duplicates), ("prompts in this shard", report.prompts),
         ("responses generated", report.generated), ("generations failed", len(report.failed)),
-        ("rankings", report.ranked), ("pairs", report.pairs), ("ties", report.ties),
+        ("rankings", report.ranked), ("unranked (rerun to retry)", len(report.unranked)),
+        ("pairs", report.pairs), ("ties", report.ties),
         ("ties dropped", report.dropped_ties), ("y_ref chosen", report.ref_won),
     ):
         table.add_row(label, str(value))
     console.print(table)
     for pid, reason in report.failed[:5]:
         console.print(f"  failed: prompt {pid}: {reason}", highlight=False)
+    for pid, reason in report.unranked[:5]:
+        console.print(f"  unranked: prompt {pid}: {reason}", highlight=False)
     _print_examples(s, report.iteration)
     pairs = s.root / "pairs"
     console.print(

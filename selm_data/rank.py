@@ -4,8 +4,10 @@ A ranker returns full scores, not only an order, so ties and margins survive int
 ranks are derived from scores by `pairing.ranks` (rank 1 best, ties by position). `name` and
 `version` identify the ranker in lineage: a ranking's id includes both.
 
-Here: any sequence-classification reward model (`reward_model`). PairRM through llm-blender and
-an LLM judge share this interface.
+Kinds: PairRM through llm-blender (`pairrm`, selm_data/pairrm.py), any sequence-classification
+reward model (`reward_model`), an LLM judge over an OpenAI-compatible server (`judge`,
+selm_data/judge.py) and the bundled offline demo ranker (`demo`). A candidate a ranker cannot
+score gets NaN; the build reports that prompt as unranked and pairs it on a later run.
 """
 
 from __future__ import annotations
@@ -95,7 +97,12 @@ def make_ranker(spec: RankerSpec) -> Ranker:
         from selm_data.demo_ranker import load_demo_ranker
 
         return load_demo_ranker()
+    if spec.kind == "judge":
+        from selm_data.judge import JudgeRanker
+
+        assert spec.server is not None  # the manifest checks it
+        return JudgeRanker(spec.server)
     raise SelmError(
         f"ranker kind {spec.kind!r} is not available in this version of selm; "
-        "use `kind: reward_model` with a sequence-classification model, or `kind: demo`"
+        "use `kind: reward_model`, `kind: judge` or `kind: demo`"
     )

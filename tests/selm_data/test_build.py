@@ -228,3 +228,36 @@ def test_build_command_prints_summary_examples_and_polars_line(tmp_path, tiny_lm
                                 "HF_DATASETS_CACHE": str(tmp_path / "cache")})
     assert again.returncode == 0, again.stderr
     assert open_store(m["store"]).scan("pairs").collect().height == 12
+
+
+def test_candidates_the_ranker_cannot_score_are_reported_and_retried(tmp_path, tiny_lm,
+                                                                     tiny_rm):
+    """A judge that gives no rating scores NaN: that prompt is reported unranked, nothing of
+    its ranking is stored, and the next run ranks it."""
+    from selm_data.rank import make_ranker
+
+    m = Manifest.model_validate(manifest_dict(tmp_path, tiny_lm, tiny_rm))
+    real = make_ranker(m.ranker)
+
+    class Flaky:
+        name, version = real.name, real.version
+
+        def __init__(self, refuse: set[str]):
+            self.refuse = refuse
+
+        def score(self, requests):
+            rows = real.score(requests)
+            return [[float("nan"), *row[1:]] if r.messages[-1]["content"][:20] in self.refuse
+                    else row for r, row in zip(requests, rows, strict=True)]
+
+    store = open_new(m.store)
+    rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    refuse = {rows[i]["prompt"][:20] for i in range(3)}  # the first portion holds rows 0-11
+    report = build(m, 1, store, ranker=Flaky(refuse))
+    assert len(report.unranked) == 3 and report.pairs == 9 == report.ranked
+    assert all("gave no score to candidate(s) [0]" in reason for _, reason in report.unranked)
+    judged = store.scan("judgments").filter(pl.col("iteration") == 1).collect()
+    assert judged.height == 9 * 3 and judged["score"].is_not_nan().all()
+    again = build(m, 1, open_store(m.store, run=RunInfo.new("pytest")), ranker=Flaky(set()))
+    assert (again.ranked, again.pairs, again.unranked) == (3, 12, [])
+    assert again.generated == 0, "responses were kept: only the ranking is redone"

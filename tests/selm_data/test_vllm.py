@@ -25,7 +25,9 @@ from selm_data.generate import (
     VLLMGenerator,
     requests_for,
 )
+from selm_data.judge import JudgeRanker, render
 from selm_data.manifest import GenerationSpec, Manifest, PolicySpec, ServerSpec, VllmSpec
+from selm_data.rank import RankRequest
 from selm_data.store import RunInfo
 
 PROMPTS = [
@@ -271,3 +273,46 @@ def test_build_on_vllm_backends(backend, engine, server, tiny_lm, tiny_rm, tmp_p
     assert ok.height == report.pairs and ok["text"].str.len_chars().min() > 0
     assert responses.filter(pl.col("status") == "failed")["error"].str.contains("256").all()
     assert API_KEY not in str(store.scan("runs").collect().to_dicts())
+
+
+def expected_rating(base_url: str, messages: list) -> float:
+    """Independently of the judge, from the server's raw JSON: the expected digit over the
+    first token's top-20 log-probs, else the first digit of the text, else NaN."""
+    import json
+    import math
+    import re
+
+    body = json.dumps({"model": "tiny", "messages": messages, "temperature": 0.0,
+                       "max_tokens": 4, "logprobs": True, "top_logprobs": 20}).encode()
+    req = urllib.request.Request(f"{base_url}/chat/completions", data=body, headers={
+        "content-type": "application/json", "authorization": f"Bearer {API_KEY}"})
+    choice = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]
+    tops = choice["logprobs"]["content"][0]["top_logprobs"]
+    digits = [(int(t["token"].strip()), math.exp(t["logprob"])) for t in tops
+              if re.fullmatch(r"\s*[1-9]\s*", t["token"])]
+    if digits:
+        return sum(d * p for d, p in digits) / sum(p for _, p in digits)
+    found = re.search(r"[1-9]", choice["message"]["content"])
+    return float(found.group()) if found else math.nan
+
+
+@pytest.mark.slow
+def test_judge_on_vllm_serve(server, monkeypatch):
+    import math
+
+    monkeypatch.setenv("SELM_TEST_KEY", API_KEY)
+    ranker = JudgeRanker(ServerSpec(base_url=server, api_key_env="SELM_TEST_KEY"))
+    requests = [RankRequest(m, ["Sear it, then roast it.", "1 2 3 4 5 6 7 8 9", "no"])
+                for _, m in PROMPTS]
+    scores = ranker.score(requests)
+    assert ranker.name == "judge:tiny"
+    kinds = set()
+    for request, row in zip(requests, scores, strict=True):
+        for candidate, score in zip(request.candidates, row, strict=True):
+            expected = expected_rating(server, render(request.messages, candidate))
+            if math.isnan(expected):
+                assert math.isnan(score)
+            else:
+                assert score == pytest.approx(expected, rel=1e-4)
+            kinds.add("nan" if math.isnan(score) else "score")
+    assert "score" in kinds, "some candidates got a rating"
