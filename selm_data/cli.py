@@ -20,6 +20,7 @@ from selm_data.build import BuildReport, Shard, build
 from selm_data.errors import SelmError
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
 from selm_data.schema import TABLES
+from selm_data.snapshot import Filters, export
 from selm_data.sources import LAYOUTS, load_source
 from selm_data.store import RunInfo, Store, open_store
 from selm_data.verify import verify
@@ -196,6 +197,30 @@ def verify_cmd(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         out.add_row(p.table, p.check, p.detail)
     console.print(out)
     raise typer.Exit(1)
+
+
+@app.command("export")
+def export_cmd(
+    iteration: Annotated[int, typer.Option("--iter", help="The iteration to export.")],
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+    name: Annotated[str | None, typer.Option(
+        help="Snapshot name (default: iterN-<hash>); never reused for other content.")] = None,
+    drop_ties: Annotated[bool, typer.Option(help="Leave out tied pairs.")] = False,
+    min_margin: Annotated[float | None, typer.Option(
+        help="Keep pairs whose score margin is at least this.")] = None,
+) -> None:
+    """Freeze an iteration's pairs as an immutable snapshot that datasets, polars and
+    selm-train read."""
+    s = _open(store, manifest)
+    snap = export(s, iteration, name=name, filters=Filters(drop_ties, min_margin))
+    verb = "exported" if snap.created else "unchanged: already exported as"
+    console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs, content hash "
+                  f"{snap.content_hash[:12]}, {snap.path}", highlight=False, soft_wrap=True)
+    data = snap.path / "data" / "*.parquet"
+    console.print(f'load it: datasets.load_dataset("parquet", data_files="{data}", '
+                  f'split="train")  or  pl.read_parquet("{data}")', highlight=False,
+                  soft_wrap=True)
 
 
 @app.command("build")

@@ -40,7 +40,18 @@ def verify(store: Store) -> list[Problem]:
             )
             continue
         problems += _check_unique(store, spec) + _check_references(store, spec)
+    if "snapshots" not in broken:
+        problems += _check_snapshot_files(store)
     return problems
+
+
+def _check_snapshot_files(store: Store) -> list[Problem]:
+    """Each snapshot's files still hash to its recorded content hash."""
+    from selm_data.snapshot import check_snapshot
+
+    return [Problem("snapshots", "snapshot files", detail)
+            for row in store.scan("snapshots").collect().iter_rows(named=True)
+            for detail in check_snapshot(store, row)]
 
 
 def _check_schema(store: Store, spec: TableSpec) -> list[Problem]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from selm_data.schema import RESPONSES, SNAPSHOTS, content_id, row_id
+from selm_data.snapshot import files_hash
+from selm_data.store import Store
 
 Rows = dict[str, list[dict]]
 
@@ -59,9 +64,11 @@ def chain_rows(iteration: int, n_prompts: int, *, tag: str = "") -> Rows:
              "margin": 1.1, "is_tie": False, "chosen_origin": "dataset_chosen",
              "rejected_origin": "dataset_rejected"}
         )
+    # A snapshot row whose folder `write_chain` makes: no data files, so its hash is that of
+    # an empty file list.
     snapshot = {"name": f"iter{iteration}{tag}", "iteration": iteration,
-                "path": f"snapshots/iter{iteration}", "format": "parquet",
-                "row_count": n_prompts, "content_hash": f"hash{iteration}{tag}",
+                "path": f"exports/iter{iteration}{tag}", "format": "parquet",
+                "row_count": n_prompts, "content_hash": files_hash(Path("."), []),
                 "table_versions": [{"table": "pairs", "version": 1}], "filters": "{}"}
     snapshot_id = row_id(SNAPSHOTS, snapshot)
     rows["snapshots"] = [{**snapshot, "snapshot_id": snapshot_id}]
@@ -71,6 +78,15 @@ def chain_rows(iteration: int, n_prompts: int, *, tag: str = "") -> Rows:
          "base_model": "tiny-llama", "loss": "selm", "config": "{}"}
     ]
     return rows
+
+
+def write_chain(store: Store, rows: Rows) -> dict:
+    """Append every table of `rows` in WRITE_ORDER, with the snapshot's (empty) folder."""
+    for snapshot in rows["snapshots"]:
+        folder = store.root / snapshot["path"]
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        (folder / "snapshot.json").write_text(json.dumps({"files": []}))
+    return {table: store.append(table, rows[table]) for table in WRITE_ORDER}
 
 
 def require(module: str, install: str):

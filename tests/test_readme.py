@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from helpers import WRITE_ORDER, chain_rows
+from helpers import chain_rows, write_chain
 from selm_data import open_store
 from selm_data.store import RunInfo
 
@@ -18,9 +18,7 @@ def test_polars_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     store = open_store("runs/demo/store", create=True, run=RunInfo.new("pytest"))
     for iteration in (1, 2):
-        rows = chain_rows(iteration=iteration, n_prompts=2 + iteration)
-        for table in WRITE_ORDER:
-            store.append(table, rows[table])
+        write_chain(store, chain_rows(iteration=iteration, n_prompts=2 + iteration))
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "shape: (4, 6)" in out  # the 4 pairs of iteration 2 with their chosen texts

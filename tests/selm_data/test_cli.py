@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import WRITE_ORDER, chain_rows
+from helpers import chain_rows, write_chain
 from selm_data import open_store
 from selm_data.cli import command_line
 from selm_data.manifest import load_manifest
@@ -57,8 +57,7 @@ def test_init_status_log_verify(tmp_path, manifest):
     assert runs["command"].to_list() == ["selm-data init"]
     assert runs["manifest_hash"].to_list() == [load_manifest(manifest).hash()]
     rows = chain_rows(iteration=2, n_prompts=3)
-    for table in WRITE_ORDER:
-        store.append(table, rows[table])
+    write_chain(store, rows)
 
     status = run("selm-data", "status", "--store", str(tmp_path / "store"), cwd=tmp_path).stdout
     lines = status.replace("┃", "│").splitlines()

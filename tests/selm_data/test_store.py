@@ -10,14 +10,10 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
-from helpers import WRITE_ORDER, chain_rows
+from helpers import WRITE_ORDER, chain_rows, write_chain
 from selm_data import StoreError, open_store
 from selm_data.schema import TABLES
 from selm_data.store import RunInfo
-
-
-def write_chain(store, rows):
-    return {table: store.append(table, rows[table]) for table in WRITE_ORDER}
 
 
 def test_round_trip_every_table(store):

@@ -6,15 +6,15 @@ from datetime import UTC, datetime
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
-from helpers import WRITE_ORDER, chain_rows
+from helpers import chain_rows
+from helpers import write_chain as write_rows
 from selm_data import verify
 from selm_data.schema import PROMPTS, conform
 
 
 def write_chain(store, iteration=1, n=3):
     rows = chain_rows(iteration=iteration, n_prompts=n)
-    for table in WRITE_ORDER:
-        store.append(table, rows[table])
+    write_rows(store, rows)
     return rows
 
 

@@ -1,0 +1,257 @@
+"""Snapshots: an iteration's pairs frozen as Parquet files that any trainer reads.
+
+`export` reads the pairs of one iteration at the store's current table versions (recorded),
+joins the prompt and the three texts, applies the filters, and writes the rows sorted by
+`pair_id` under `<store>/exports/<name>/` with a `snapshot.json` beside them. The content hash
+is the sha256 over the files' names and sha256s; the same inputs and filters write the same
+bytes, so exporting again gives the same hash and adds nothing. A name is never reused for other
+content, files are made read-only, and `selm-data verify` rehashes them.
+
+Columns are a superset of the Hub's UltraFeedback-binarized layout (`prompt`, `prompt_id`,
+`chosen` and `rejected` as whole conversations, `messages` = `chosen`, `score_chosen`,
+`score_rejected`), so alignment-handbook recipes and TRL read a snapshot as they read that
+dataset, plus what SELM and lineage need: `reference` (the conversation ending in y_ref, for the
+SELM loss), `score_reference`, `margin`, `is_tie` and the store ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selm_data.errors import SelmError
+from selm_data.schema import MESSAGES, canonical_json
+from selm_data.store import Store, package_version
+
+EXPORTS = "exports"
+READS = ("prompts", "responses", "judgments", "pairs")
+ROWS_PER_FILE = 250_000
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+@dataclass(frozen=True)
+class Filters:
+    drop_ties: bool = False
+    min_margin: float | None = None  # keep pairs whose margin is at least this
+
+    def as_json(self) -> str:
+        return canonical_json(asdict(self))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    name: str
+    iteration: int
+    path: Path
+    files: list[str]  # relative to path
+    row_count: int
+    content_hash: str
+    table_versions: dict[str, int]
+    filters: Filters
+    created: bool  # False: the same snapshot existed already
+
+
+def export(store: Store, iteration: int, *, name: str | None = None,
+           filters: Filters = Filters()) -> Snapshot:
+    """Export iteration `iteration`'s pairs as a snapshot (see the module docstring).
+
+    Raises:
+        SelmError: no pairs (after the filters), a bad name, or a name already used for
+            other content.
+    """
+    if name is not None and not _NAME.fullmatch(name):
+        raise SelmError(f"snapshot name {name!r}: use letters, digits, '.', '_' and '-' "
+                        "(up to 100), starting with a letter or digit")
+    versions = {t: store.version(t) for t in READS}
+    table = snapshot_table(store, iteration, versions, filters)
+    if table.num_rows == 0 and filters != Filters():
+        raise SelmError(f"no pair of iteration {iteration} passes the filters {filters}")
+    if table.num_rows == 0:
+        raise SelmError(f"iteration {iteration} has no pairs; build them first: "
+                        f"`selm-data build --iter {iteration}`")
+    root = store.root / EXPORTS
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        files = _write_files(table, staging)
+        content_hash = files_hash(staging, files)
+        name = name or f"iter{iteration}-{content_hash[:8]}"
+        with store.claim(f"export/{name}"):
+            existing = _registered(store, name)
+            if existing is not None:
+                if existing["content_hash"] != content_hash:
+                    raise SelmError(
+                        f"snapshot {name!r} exists with other content (hash "
+                        f"{existing['content_hash'][:12]}, this export {content_hash[:12]}); "
+                        "snapshots are never overwritten: pick another --name")
+                return _snapshot(store, existing, created=False)
+            final = root / name
+            if final.exists():  # a crash between the move and the commit: never registered
+                shutil.rmtree(final)
+            meta = {"name": name, "iteration": iteration, "content_hash": content_hash,
+                    "row_count": table.num_rows, "table_versions": versions,
+                    "filters": asdict(filters), "files": files, "selm_version": package_version(),
+                    "columns": table.schema.names}
+            (staging / "snapshot.json").write_text(json.dumps(meta, indent=2) + "\n")
+            _read_only(staging, [*files, "snapshot.json"])
+            os.replace(staging, final)
+            store.append("snapshots", [{
+                # relative to the store, so a store folder can move
+                "name": name, "iteration": iteration, "path": f"{EXPORTS}/{name}",
+                "format": "parquet",
+                "row_count": table.num_rows, "content_hash": content_hash,
+                "table_versions": [{"table": t, "version": v} for t, v in versions.items()],
+                "filters": filters.as_json(),
+            }])
+            return Snapshot(name, iteration, final, files, table.num_rows, content_hash,
+                            versions, filters, created=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
+                   filters: Filters) -> pa.Table:
+    """The rows of a snapshot, sorted by pair_id, read at exactly `versions`."""
+    def scan(t: str) -> pl.LazyFrame:
+        return store.scan(t, version=versions[t])
+
+    pairs = scan("pairs").filter(pl.col("iteration") == iteration)
+    if filters.drop_ties:
+        pairs = pairs.filter(~pl.col("is_tie"))
+    if filters.min_margin is not None:
+        pairs = pairs.filter(pl.col("margin") >= filters.min_margin)
+    texts = scan("responses").select("response_id", "text")
+    ref_scores = scan("judgments").select("ranking_id", "response_id", "score")
+    prompts = scan("prompts").select("prompt_id", "messages").unique("prompt_id")
+
+    def turn(text: str) -> pl.Expr:
+        return pl.concat_list(pl.col("messages"), pl.struct(
+            role=pl.lit("assistant"), content=pl.col(text)))
+
+    frame = (
+        pairs.join(prompts, on="prompt_id", how="left")
+        .join(texts.rename({"response_id": "chosen_id", "text": "chosen_text"}),
+              on="chosen_id", how="left")
+        .join(texts.rename({"response_id": "rejected_id", "text": "rejected_text"}),
+              on="rejected_id", how="left")
+        .join(texts.rename({"response_id": "ref_id", "text": "ref_text"}),
+              on="ref_id", how="left")
+        .join(ref_scores.rename({"response_id": "ref_id", "score": "score_reference"}),
+              on=["ranking_id", "ref_id"], how="left")
+        .with_columns(
+            prompt=pl.col("messages").list.eval(
+                pl.element().filter(pl.element().struct.field("role") == "user")
+            ).list.last().struct.field("content"),
+            chosen=turn("chosen_text"),
+            rejected=turn("rejected_text"),
+            reference=pl.when(pl.col("ref_id").is_not_null()).then(turn("ref_text")),
+        )
+        .select(
+            "prompt", "prompt_id", "chosen", "rejected",
+            pl.col("chosen").alias("messages"),
+            pl.col("chosen_score").alias("score_chosen"),
+            pl.col("rejected_score").alias("score_rejected"),
+            "reference", "score_reference", "margin", "is_tie", "iteration", "rule",
+            "chosen_origin", "rejected_origin", "pair_id", "ranking_id", "chosen_id",
+            "rejected_id", "ref_id",
+        )
+        .sort("pair_id")
+        .collect()
+    )
+    missing = frame.filter(pl.col("chosen").list.last().struct.field("content").is_null()
+                           | pl.col("rejected").list.last().struct.field("content").is_null())
+    if missing.height:
+        raise SelmError(f"{missing.height} pairs of iteration {iteration} point at responses "
+                        "the store does not hold; run `selm-data verify`")
+    table = frame.to_arrow()
+    return table.cast(_schema(table.schema))
+
+
+def _schema(schema: pa.Schema) -> pa.Schema:
+    """Plain string and list types (polars writes large/view types) so every reader agrees."""
+    fields = []
+    for f in schema:
+        if f.name in ("chosen", "rejected", "messages", "reference"):
+            fields.append(pa.field(f.name, MESSAGES))
+        elif pa.types.is_large_string(f.type) or pa.types.is_string_view(f.type):
+            fields.append(pa.field(f.name, pa.string()))
+        else:
+            fields.append(f)
+    return pa.schema(fields)
+
+
+def _write_files(table: pa.Table, folder: Path) -> list[str]:
+    (folder / "data").mkdir()
+    n = max(1, -(-table.num_rows // ROWS_PER_FILE))
+    files = []
+    for i in range(n):
+        rel = f"data/train-{i:05d}-of-{n:05d}.parquet"
+        part = table.slice(i * ROWS_PER_FILE, ROWS_PER_FILE)
+        pq.write_table(part, folder / rel, compression="zstd")
+        files.append(rel)
+    return files
+
+
+def files_hash(folder: Path, files: list[str]) -> str:
+    """A snapshot's content hash: sha256 over its files' relative names and sha256s."""
+    return hashlib.sha256(canonical_json(
+        [[rel, file_sha256(folder / rel)] for rel in files]).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_only(folder: Path, files: list[str]) -> None:
+    for rel in files:
+        mode = (folder / rel).stat().st_mode
+        (folder / rel).chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _registered(store: Store, name: str) -> dict[str, Any] | None:
+    rows = store.scan("snapshots").filter(pl.col("name") == name).collect()
+    return rows.row(0, named=True) if rows.height else None
+
+
+def _snapshot(store: Store, row: dict[str, Any], *, created: bool) -> Snapshot:
+    folder = store.root / row["path"]
+    meta = json.loads((folder / "snapshot.json").read_text())
+    return Snapshot(row["name"], row["iteration"], folder, meta["files"],
+                    row["row_count"], row["content_hash"],
+                    {v["table"]: v["version"] for v in row["table_versions"]},
+                    Filters(**json.loads(row["filters"])), created=created)
+
+
+def check_snapshot(store: Store, row: dict[str, Any]) -> list[str]:
+    """What is wrong with a registered snapshot's files (empty: intact)."""
+    folder = store.root / row["path"]
+    meta_path = folder / "snapshot.json"
+    if not meta_path.is_file():
+        return [f"snapshot {row['name']}: {meta_path} is missing"]
+    files = json.loads(meta_path.read_text())["files"]
+    problems = [f"snapshot {row['name']}: {folder / rel} is missing"
+                for rel in files if not (folder / rel).is_file()]
+    extra = sorted(p.relative_to(folder).as_posix() for p in (folder / "data").rglob("*")
+                   if p.is_file() and p.relative_to(folder).as_posix() not in files)
+    problems += [f"snapshot {row['name']}: unexpected file {rel}" for rel in extra]
+    if not problems and files_hash(folder, files) != row["content_hash"]:
+        problems.append(f"snapshot {row['name']}: its files no longer match its content hash "
+                        f"{row['content_hash'][:12]}: it was modified; export it again under "
+                        "a new name")
+    return problems

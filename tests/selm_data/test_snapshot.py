@@ -1,0 +1,161 @@
+"""Snapshots: deterministic, immutable exports that datasets and polars read."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import chain_rows
+from selm_data import open_store
+from selm_data.errors import SelmError
+from selm_data.snapshot import Filters, check_snapshot, export
+from selm_data.store import RunInfo
+
+TABLES = ("prompts", "quarantine", "responses", "judgments", "pairs")
+
+
+def iteration_rows(iteration: int, n: int) -> dict:
+    """chain_rows, with margins 0, 0.5, 1.0, ... and the first pair a tie."""
+    rows = chain_rows(iteration, n)
+    for k, pair in enumerate(rows["pairs"]):
+        pair.update(margin=0.5 * k, is_tie=k == 0)
+    return rows
+
+
+@pytest.fixture
+def built(store):
+    for iteration, n in ((1, 5), (2, 7)):
+        rows = iteration_rows(iteration, n)
+        for table in TABLES:
+            store.append(table, rows[table])
+    return store, iteration_rows(2, 7), None
+
+
+def test_export_joins_prompt_texts_and_scores(built):
+    store, rows, _ = built
+    snap = export(store, 2)
+    assert snap.created and snap.row_count == 7 and snap.name == f"iter2-{snap.content_hash[:8]}"
+    frame = pl.read_parquet(snap.path / "data")
+    assert frame["pair_id"].to_list() == sorted(frame["pair_id"].to_list())
+    texts = {r["response_id"]: r["text"] for r in rows["responses"]}
+    messages = {r["prompt_id"]: r["messages"] for r in rows["prompts"]}
+    pairs = {p["prompt_id"]: p for p in rows["pairs"]}
+    for row in frame.iter_rows(named=True):
+        pair, prompt = pairs[row["prompt_id"]], messages[row["prompt_id"]]
+
+        def conversation(response_id: str, prompt=prompt) -> list[dict]:
+            return [*prompt, {"role": "assistant", "content": texts[response_id]}]
+
+        assert row["prompt"] == prompt[-1]["content"]
+        assert row["chosen"] == conversation(pair["chosen_id"]) == row["messages"]
+        assert row["rejected"] == conversation(pair["rejected_id"])
+        assert row["reference"] == conversation(pair["ref_id"])
+        assert (row["score_chosen"], row["score_rejected"], row["score_reference"]) == (
+            0.9, -0.2, 0.5)
+        assert (row["margin"], row["is_tie"]) == (pair["margin"], pair["is_tie"])
+    assert snap.table_versions == {t: store.version(t) for t in
+                                   ("prompts", "responses", "judgments", "pairs")}
+
+
+def test_same_inputs_same_hash_and_nothing_added(built):
+    store, _, _ = built
+    first = export(store, 2)
+    version = store.version("snapshots")
+    again = export(open_store(store.root, run=RunInfo.new("pytest again")), 2)
+    assert (again.content_hash, again.name, again.created) == (first.content_hash, first.name,
+                                                               False)
+    assert store.version("snapshots") == version
+    named = export(store, 2, name="mine")
+    assert named.content_hash == first.content_hash and named.created
+
+
+def test_a_name_is_never_reused_for_other_content(built):
+    store, _, _ = built
+    export(store, 1, name="taken")
+    with pytest.raises(SelmError, match=r"exists with other content.*pick another --name"):
+        export(store, 2, name="taken")
+    with pytest.raises(SelmError, match="snapshot name"):
+        export(store, 2, name="../escape")
+
+
+def test_filters_and_empty_results(built, tmp_path):
+    store, _, _ = built
+    no_ties = export(store, 2, filters=Filters(drop_ties=True))
+    assert no_ties.row_count == 6
+    assert not pl.read_parquet(no_ties.path / "data")["is_tie"].any()
+    wide = export(store, 2, filters=Filters(drop_ties=True, min_margin=1.5))
+    margins = sorted(pl.read_parquet(wide.path / "data")["margin"].to_list())
+    assert margins == [1.5, 2.0, 2.5, 3.0]
+    assert len({no_ties.content_hash, wide.content_hash}) == 2
+    row = store.scan("snapshots").filter(pl.col("name") == wide.name).collect()
+    assert json.loads(row["filters"][0]) == {"drop_ties": True, "min_margin": 1.5}
+    with pytest.raises(SelmError, match="passes the filters"):
+        export(store, 2, filters=Filters(min_margin=99))
+    with pytest.raises(SelmError, match=r"no pairs; build them first: `selm-data build --iter 3`"):
+        export(store, 3)
+
+
+def test_files_are_read_only_and_verify_detects_a_change(built):
+    store, _, _ = built
+    snap = export(store, 2)
+    row = store.scan("snapshots").filter(pl.col("name") == snap.name).collect().row(0, named=True)
+    assert check_snapshot(store, row) == []
+    shard = snap.path / snap.files[0]
+    assert not os.access(shard, os.W_OK) or os.geteuid() == 0
+    table = pq.read_table(shard)
+    shard.chmod(0o644)
+    pq.write_table(table.slice(1), shard)
+    assert "was modified" in check_snapshot(store, row)[0]
+    meta = json.loads((snap.path / "snapshot.json").read_text())
+    assert meta["row_count"] == 7 and meta["content_hash"] == snap.content_hash
+
+
+def test_datasets_loads_a_snapshot(built):
+    from datasets import load_dataset
+
+    store, _, _ = built
+    snap = export(store, 2)
+    ds = load_dataset("parquet", data_files=str(snap.path / "data" / "*.parquet"),
+                      split="train")
+    assert ds.num_rows == 7
+    assert ds[0]["chosen"][-1]["role"] == "assistant"
+    assert set(ds.column_names) >= {"prompt", "prompt_id", "chosen", "rejected", "messages",
+                                    "score_chosen", "score_rejected", "reference"}
+
+
+def test_verify_reports_a_modified_or_missing_snapshot(built):
+    from selm_data import verify
+
+    store, _, _ = built
+    snap = export(store, 2)
+    assert verify(store) == []
+    extra = snap.path / "data" / "extra.parquet"
+    (snap.path / "data").chmod(0o755)
+    extra.write_bytes(b"x")
+    problems = verify(store)
+    assert [(p.table, p.check) for p in problems] == [("snapshots", "snapshot files")]
+    assert "unexpected file data/extra.parquet" in problems[0].detail
+    extra.unlink()
+    (snap.path / snap.files[0]).unlink()
+    assert "is missing" in verify(store)[0].detail
+
+
+def test_export_command(built):
+    import subprocess
+
+    store, _, _ = built
+    out = subprocess.run(["selm-data", "export", "--iter", "2", "--store", str(store.root),
+                          "--name", "cli", "--drop-ties"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "exported cli: 6 pairs" in out and "load_dataset(" in out
+    again = subprocess.run(["selm-data", "export", "--iter", "2", "--store", str(store.root),
+                            "--name", "cli", "--drop-ties"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "unchanged: already exported as cli" in again
+    clash = subprocess.run(["selm-data", "export", "--iter", "2", "--store", str(store.root),
+                            "--name", "cli"], capture_output=True, text=True)
+    assert clash.returncode == 2 and "never overwritten" in clash.stderr + clash.stdout
