@@ -5,6 +5,7 @@ An entry point: it parses arguments and calls the library; nothing imports it.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -221,6 +222,26 @@ def export_cmd(
     console.print(f'load it: datasets.load_dataset("parquet", data_files="{data}", '
                   f'split="train")  or  pl.read_parquet("{data}")', highlight=False,
                   soft_wrap=True)
+
+
+@app.command("lineage")
+def lineage_cmd(
+    row_id: Annotated[str, typer.Argument(
+        metavar="ID", help="A prompt, response, judgment, ranking, pair, snapshot or "
+        "checkpoint id.")],
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a tree.")] = False,
+) -> None:
+    """Where a row came from (source row, policy and sampling, ranker, rule) and what was made
+    from it (pairs, snapshots, checkpoints, the next iteration's responses)."""
+    from selm_data.lineage import lineage, render
+
+    node = lineage(_open(store, manifest), row_id)
+    if as_json:
+        print(json.dumps(node, indent=2, default=str))
+    else:
+        console.print(render(node))
 
 
 @app.command("build")

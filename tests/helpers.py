@@ -17,7 +17,8 @@ WRITE_ORDER = (
 )
 
 
-def chain_rows(iteration: int, n_prompts: int, *, tag: str = "") -> Rows:
+def chain_rows(iteration: int, n_prompts: int, *, tag: str = "", policy_fingerprint: str = "f00d"
+               ) -> Rows:
     """One iteration's worth of consistent rows in every table: prompts, the three candidate
     responses of each prompt, their ranking, the best-worst pair, a snapshot and a checkpoint."""
     rows: Rows = {t: [] for t in ("prompts", "responses", "judgments", "pairs")}
@@ -43,7 +44,7 @@ def chain_rows(iteration: int, n_prompts: int, *, tag: str = "") -> Rows:
             response = {
                 "prompt_id": prompt_id, "iteration": iteration, "origin": origin,
                 "sample_index": 0, "status": "ok", "text": text, "policy": policy,
-                "policy_fingerprint": "f00d" if policy else None,
+                "policy_fingerprint": policy_fingerprint if policy else None,
                 "sampling": sampling if policy else None,
             }
             response["response_id"] = row_id(RESPONSES, response)
