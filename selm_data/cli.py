@@ -210,11 +210,15 @@ def export_cmd(
     drop_ties: Annotated[bool, typer.Option(help="Leave out tied pairs.")] = False,
     min_margin: Annotated[float | None, typer.Option(
         help="Keep pairs whose score margin is at least this.")] = None,
+    layout: Annotated[str, typer.Option(
+        help="ultrafeedback (the Hub's UltraFeedback-binarized columns; alignment-handbook) "
+        "or trl (TRL's DPOTrainer).")] = "ultrafeedback",
 ) -> None:
     """Freeze an iteration's pairs as an immutable snapshot that datasets, polars and
     selm-train read."""
     s = _open(store, manifest)
-    snap = export(s, iteration, name=name, filters=Filters(drop_ties, min_margin))
+    snap = export(s, iteration, name=name, filters=Filters(drop_ties, min_margin),
+                  layout=layout)  # type: ignore[arg-type]  # export checks it
     verb = "exported" if snap.created else "unchanged: already exported as"
     console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs, content hash "
                   f"{snap.content_hash[:12]}, {snap.path}", highlight=False, soft_wrap=True)

@@ -7,11 +7,16 @@ is the sha256 over the files' names and sha256s; the same inputs and filters wri
 bytes, so exporting again gives the same hash and adds nothing. A name is never reused for other
 content, files are made read-only, and `selm-data verify` rehashes them.
 
-Columns are a superset of the Hub's UltraFeedback-binarized layout (`prompt`, `prompt_id`,
-`chosen` and `rejected` as whole conversations, `messages` = `chosen`, `score_chosen`,
-`score_rejected`), so alignment-handbook recipes and TRL read a snapshot as they read that
-dataset, plus what SELM and lineage need: `reference` (the conversation ending in y_ref, for the
-SELM loss), `score_reference`, `margin`, `is_tie` and the store ids.
+Two layouts, each with what SELM and lineage need besides (`reference`: y_ref, for the SELM
+loss; `score_reference`, `margin`, `is_tie`, and the store ids):
+
+- `ultrafeedback` (default): the Hub's UltraFeedback-binarized columns (`prompt` as the last
+  user turn's text, `prompt_id`, `chosen` and `rejected` as whole conversations, `messages` =
+  `chosen`, `score_chosen`, `score_rejected`), which alignment-handbook recipes read.
+- `trl`: TRL's explicit-prompt conversational preference format (`prompt` = the prompt turns,
+  `chosen` / `rejected` / `reference` = the one assistant turn). TRL's DPOTrainer (1.16) does
+  not accept the UltraFeedback layout: with a string `prompt` beside conversational
+  `chosen`, its data preparation fails (TypeError or AttributeError, by set order).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import stat
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 import pyarrow as pa
@@ -39,6 +44,8 @@ EXPORTS = "exports"
 READS = ("prompts", "responses", "judgments", "pairs")
 ROWS_PER_FILE = 250_000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+Layout = Literal["ultrafeedback", "trl"]
+LAYOUTS: tuple[Layout, ...] = ("ultrafeedback", "trl")
 
 
 @dataclass(frozen=True)
@@ -60,11 +67,12 @@ class Snapshot:
     content_hash: str
     table_versions: dict[str, int]
     filters: Filters
+    layout: Layout
     created: bool  # False: the same snapshot existed already
 
 
 def export(store: Store, iteration: int, *, name: str | None = None,
-           filters: Filters = Filters()) -> Snapshot:
+           filters: Filters = Filters(), layout: Layout = "ultrafeedback") -> Snapshot:
     """Export iteration `iteration`'s pairs as a snapshot (see the module docstring).
 
     Raises:
@@ -74,8 +82,10 @@ def export(store: Store, iteration: int, *, name: str | None = None,
     if name is not None and not _NAME.fullmatch(name):
         raise SelmError(f"snapshot name {name!r}: use letters, digits, '.', '_' and '-' "
                         "(up to 100), starting with a letter or digit")
+    if layout not in LAYOUTS:
+        raise SelmError(f"snapshot layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     versions = {t: store.version(t) for t in READS}
-    table = snapshot_table(store, iteration, versions, filters)
+    table = snapshot_table(store, iteration, versions, filters, layout)
     if table.num_rows == 0 and filters != Filters():
         raise SelmError(f"no pair of iteration {iteration} passes the filters {filters}")
     if table.num_rows == 0:
@@ -102,7 +112,8 @@ def export(store: Store, iteration: int, *, name: str | None = None,
                 shutil.rmtree(final)
             meta = {"name": name, "iteration": iteration, "content_hash": content_hash,
                     "row_count": table.num_rows, "table_versions": versions,
-                    "filters": asdict(filters), "files": files, "selm_version": package_version(),
+                    "filters": asdict(filters), "layout": layout, "files": files,
+                    "selm_version": package_version(),
                     "columns": table.schema.names}
             (staging / "snapshot.json").write_text(json.dumps(meta, indent=2) + "\n")
             _read_only(staging, [*files, "snapshot.json"])
@@ -110,19 +121,19 @@ def export(store: Store, iteration: int, *, name: str | None = None,
             store.append("snapshots", [{
                 # relative to the store, so a store folder can move
                 "name": name, "iteration": iteration, "path": f"{EXPORTS}/{name}",
-                "format": "parquet",
+                "format": f"parquet:{layout}",
                 "row_count": table.num_rows, "content_hash": content_hash,
                 "table_versions": [{"table": t, "version": v} for t, v in versions.items()],
                 "filters": filters.as_json(),
             }])
             return Snapshot(name, iteration, final, files, table.num_rows, content_hash,
-                            versions, filters, created=True)
+                            versions, filters, layout, created=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
-                   filters: Filters) -> pa.Table:
+                   filters: Filters, layout: Layout = "ultrafeedback") -> pa.Table:
     """The rows of a snapshot, sorted by pair_id, read at exactly `versions`."""
     def scan(t: str) -> pl.LazyFrame:
         return store.scan(t, version=versions[t])
@@ -151,27 +162,17 @@ def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
         .join(ref_scores.rename({"response_id": "ref_id", "score": "score_reference"}),
               on=["ranking_id", "ref_id"], how="left")
         .with_columns(
-            prompt=pl.col("messages").list.eval(
+            last_user=pl.col("messages").list.eval(
                 pl.element().filter(pl.element().struct.field("role") == "user")
             ).list.last().struct.field("content"),
-            chosen=turn("chosen_text"),
-            rejected=turn("rejected_text"),
-            reference=pl.when(pl.col("ref_id").is_not_null()).then(turn("ref_text")),
         )
-        .select(
-            "prompt", "prompt_id", "chosen", "rejected",
-            pl.col("chosen").alias("messages"),
-            pl.col("chosen_score").alias("score_chosen"),
-            pl.col("rejected_score").alias("score_rejected"),
-            "reference", "score_reference", "margin", "is_tie", "iteration", "rule",
-            "chosen_origin", "rejected_origin", "pair_id", "ranking_id", "chosen_id",
-            "rejected_id", "ref_id",
-        )
+        .select(*_columns(layout, turn))
         .sort("pair_id")
         .collect()
     )
     missing = frame.filter(pl.col("chosen").list.last().struct.field("content").is_null()
-                           | pl.col("rejected").list.last().struct.field("content").is_null())
+                           | pl.col("rejected").list.last().struct.field("content").is_null()
+                           | pl.col("prompt").is_null())
     if missing.height:
         raise SelmError(f"{missing.height} pairs of iteration {iteration} point at responses "
                         "the store does not hold; run `selm-data verify`")
@@ -179,11 +180,36 @@ def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
     return table.cast(_schema(table.schema))
 
 
+def _columns(layout: Layout, turn: Any) -> list[pl.Expr]:
+    if layout == "trl":
+        def answer(text: str) -> pl.Expr:
+            return pl.concat_list(pl.struct(role=pl.lit("assistant"), content=pl.col(text)))
+
+        head = [pl.col("messages").alias("prompt"), "prompt_id",
+                answer("chosen_text").alias("chosen"), answer("rejected_text").alias("rejected")]
+        reference = pl.when(pl.col("ref_id").is_not_null()).then(answer("ref_text"))
+    else:
+        head = [pl.col("last_user").alias("prompt"), "prompt_id",
+                turn("chosen_text").alias("chosen"), turn("rejected_text").alias("rejected"),
+                turn("chosen_text").alias("messages")]
+        reference = pl.when(pl.col("ref_id").is_not_null()).then(turn("ref_text"))
+    return [
+        *head,
+        pl.col("chosen_score").alias("score_chosen"),
+        pl.col("rejected_score").alias("score_rejected"),
+        reference.alias("reference"), "score_reference", "margin", "is_tie", "iteration", "rule",
+        "chosen_origin", "rejected_origin", "pair_id", "ranking_id", "chosen_id", "rejected_id",
+        "ref_id",
+    ]
+
+
 def _schema(schema: pa.Schema) -> pa.Schema:
-    """Plain string and list types (polars writes large/view types) so every reader agrees."""
+    """Plain string and list types (polars writes large/view types) so every reader agrees.
+    Every list column of a snapshot is a list of chat messages."""
     fields = []
     for f in schema:
-        if f.name in ("chosen", "rejected", "messages", "reference"):
+        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or \
+                pa.types.is_list_view(f.type) or pa.types.is_large_list_view(f.type):
             fields.append(pa.field(f.name, MESSAGES))
         elif pa.types.is_large_string(f.type) or pa.types.is_string_view(f.type):
             fields.append(pa.field(f.name, pa.string()))
@@ -235,7 +261,8 @@ def _snapshot(store: Store, row: dict[str, Any], *, created: bool) -> Snapshot:
     return Snapshot(row["name"], row["iteration"], folder, meta["files"],
                     row["row_count"], row["content_hash"],
                     {v["table"]: v["version"] for v in row["table_versions"]},
-                    Filters(**json.loads(row["filters"])), created=created)
+                    Filters(**json.loads(row["filters"])), meta.get("layout", "ultrafeedback"),
+                    created=created)
 
 
 def check_snapshot(store: Store, row: dict[str, Any]) -> list[str]:

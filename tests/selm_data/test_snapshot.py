@@ -159,3 +159,53 @@ def test_export_command(built):
     clash = subprocess.run(["selm-data", "export", "--iter", "2", "--store", str(store.root),
                             "--name", "cli"], capture_output=True, text=True)
     assert clash.returncode == 2 and "never overwritten" in clash.stderr + clash.stdout
+
+
+def test_trl_layout_goes_through_trl_dpo_data_preparation(built, tiny_lm):
+    """TRL's own DPOTrainer._prepare_dataset (extract prompt, tokenise with the chat template)
+    on a snapshot loaded with `datasets`; the UltraFeedback layout is refused by it, which is
+    why the trl layout exists."""
+    import types
+
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    from helpers import require
+
+    require("trl", "trl")
+    from trl import DPOConfig, DPOTrainer
+
+    store, rows, _ = built
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    args = DPOConfig(output_dir=str(store.root / "trl"), report_to=[], use_cpu=True,
+                     bf16=False)
+    trainer = types.SimpleNamespace(_tokenizer=tok, _is_vision_dataset=False)
+    texts = {r["response_id"]: r["text"] for r in rows["responses"]}
+    for layout in ("trl", "ultrafeedback"):
+        snap = export(store, 2, layout=layout)
+        ds = load_dataset("parquet", data_files=str(snap.path / "data" / "*.parquet"),
+                          split="train")
+        if layout == "ultrafeedback":
+            # Which error depends on which key TRL's is_conversational pops from a set.
+            with pytest.raises((TypeError, AttributeError), match=r"str|endswith"):
+                DPOTrainer._prepare_dataset(trainer, ds, tok, args, "train")
+            continue
+        out = DPOTrainer._prepare_dataset(trainer, ds, tok, args, "train")
+        assert out.num_rows == 7
+        for example in out:
+            chosen = texts[example["chosen_id"]]
+            assert chosen in tok.decode(example["chosen_ids"])
+            assert example["prompt"][-1]["content"] in tok.decode(example["prompt_ids"])
+            assert example["reference"] == [{"role": "assistant",
+                                             "content": texts[example["ref_id"]]}]
+
+
+def test_ultrafeedback_layout_is_what_alignment_handbook_reads(built):
+    """alignment-handbook's DPO preprocessing takes chosen[:-1] as the prompt turns and the
+    last turns as the answers: they must share the prompt and end in the assistant's answer."""
+    store, _, _ = built
+    frame = pl.read_parquet(export(store, 2).path / "data")
+    for row in frame.iter_rows(named=True):
+        assert row["chosen"][:-1] == row["rejected"][:-1] == row["reference"][:-1]
+        assert row["chosen"][-1]["role"] == row["rejected"][-1]["role"] == "assistant"
+        assert row["prompt"] == row["chosen"][-2]["content"]
