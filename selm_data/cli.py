@@ -228,6 +228,75 @@ def export_cmd(
                   soft_wrap=True)
 
 
+@app.command("push")
+def push_cmd(
+    snapshot: Annotated[str, typer.Argument(help="The snapshot's name (see `selm-data export`).")],
+    repo_id: Annotated[str | None, typer.Option(help="ORG/NAME of the dataset repo.")] = None,
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+    public: Annotated[bool, typer.Option(help="Make a new repo public (default: private).")
+                      ] = False,
+    dry_run: Annotated[Path | None, typer.Option(
+        help="Write the files that would be committed into this new folder; push nothing.")
+    ] = None,
+    license: Annotated[str | None, typer.Option(
+        help="The dataset's license id (default: the source's, when selm knows it).")] = None,
+) -> None:
+    """Push a snapshot to the Hugging Face Hub: its shards, a dataset card and a lineage file in
+    one commit. The token comes from HF_TOKEN or `hf auth login`, never from a flag."""
+    from selm_data import hub
+
+    s = _open(store, manifest)
+    if dry_run is not None:
+        written = hub.dry_run(s, snapshot, dry_run, repo_id=repo_id, license=license)
+        console.print(f"dry run: wrote {len(written)} files to {dry_run} (nothing pushed); "
+                      f'check them: datasets.load_dataset("{dry_run}")', highlight=False,
+                      soft_wrap=True)
+        return
+    if repo_id is None:
+        raise SelmError("push needs --repo-id ORG/NAME (or --dry-run DIR to see the files)")
+    r = hub.push(s, snapshot, repo_id, private=not public, license=license)
+    visibility = "private" if r.private else "public"
+    console.print(f"pushed {snapshot} to {r.repo_url} ({visibility}"
+                  f"{', new repo' if r.created else ''}): {len(r.files)} files in commit "
+                  f"{r.commit_oid[:12]} {r.commit_url}", highlight=False, soft_wrap=True)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    iteration: Annotated[int | None, typer.Option("--iter", help="Only this iteration.")] = None,
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+    plot_file: Annotated[Path | None, typer.Option(
+        "--plot", help="Also draw the score distributions and win rates into this PNG.")
+    ] = None,
+) -> None:
+    """Per iteration: counts, how often y_ref beat, tied or lost to the dataset's pair, score
+    and margin distributions, response lengths, quarantine and failures."""
+    from selm_data.inspect import iteration_stats, plot, quarantine_stats, render_stats
+
+    s = _open(store, manifest)
+    console.print(render_stats(iteration_stats(s, iteration=iteration),
+                               quarantine=quarantine_stats(s)))
+    if plot_file is not None:
+        written = plot(s, plot_file, iterations=None if iteration is None else [iteration])
+        console.print(f"wrote {written}", highlight=False)
+
+
+@app.command("diff")
+def diff_cmd(
+    a: Annotated[str, typer.Argument(help="An iteration number or a snapshot name.")],
+    b: Annotated[str, typer.Argument(help="An iteration number or a snapshot name.")],
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """What changed between two iterations or two snapshots: prompts and pairs on each side,
+    chosen and rejected texts that changed, margins, ties and win rates."""
+    from selm_data.inspect import diff, render_diff
+
+    console.print(render_diff(diff(_open(store, manifest), a, b)))
+
+
 @app.command("lineage")
 def lineage_cmd(
     row_id: Annotated[str, typer.Argument(

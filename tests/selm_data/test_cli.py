@@ -41,7 +41,8 @@ def manifest(tmp_path: Path) -> Path:
 
 
 def test_help_on_every_command(tmp_path):
-    for args in ([], ["init"], ["status"], ["log"], ["verify"]):
+    for args in ([], ["init"], ["status"], ["log"], ["verify"], ["export"], ["lineage"],
+                 ["inspect"], ["diff"], ["push"]):
         out = run("selm-data", *args, "--help", cwd=tmp_path).stdout
         assert "Usage: selm-data" in out
         assert "--manifest" in out or not args
@@ -117,3 +118,29 @@ def test_sources_check_reports_layout_counts_and_reasons(tmp_path):
     assert cells["usable examples"] == "994"
     assert cells["quarantined: chosen equals rejected"] == "4"
     assert "row 478: missing rejected" in proc.stdout
+
+
+def test_export_inspect_diff_and_push_dry_run(tmp_path):
+    """The commands of a built store, end to end: export two snapshots, inspect with a plot,
+    diff them, and write a push's files without pushing."""
+    store = open_store(tmp_path / "store", create=True, run=RunInfo.new("pytest"))
+    for iteration in (1, 2):
+        write_chain(store, chain_rows(iteration=iteration, n_prompts=2 + iteration,
+                                      tag="cli"))
+    where = ("--store", str(tmp_path / "store"))
+    for iteration in ("1", "2"):
+        out = run("selm-data", "export", "--iter", iteration, "--name", f"s{iteration}", *where,
+                  cwd=tmp_path).stdout
+        assert f"exported s{iteration}: {2 + int(iteration)} pairs" in out
+    shown = run("selm-data", "inspect", *where, "--plot", str(tmp_path / "p.png"),
+                cwd=tmp_path).stdout
+    assert "wrote" in shown and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "y_ref" in shown
+    assert "only in" in run("selm-data", "diff", "s1", "s2", *where, cwd=tmp_path).stdout.lower()
+    dry = run("selm-data", "push", "s2", "--dry-run", str(tmp_path / "repo"), *where,
+              cwd=tmp_path).stdout
+    assert "nothing pushed" in dry and (tmp_path / "repo" / "README.md").is_file()
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [
+        "README.md", "data", "selm_lineage.json"]
+    bad = run("selm-data", "push", "s2", *where, cwd=tmp_path, ok=False)
+    assert bad.returncode == 2 and "--repo-id" in bad.stderr + bad.stdout

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -13,6 +15,8 @@ from helpers import chain_rows
 from selm_data.errors import SelmError
 from selm_data.lineage import lineage
 from selm_data.snapshot import export
+
+SELM_DATA = str(Path(sys.executable).parent / "selm-data")
 
 TABLES = ("prompts", "quarantine", "responses", "judgments", "pairs")
 
@@ -96,9 +100,9 @@ def test_prompt_snapshot_and_ranking_ids(loop):
 def test_lineage_command_tree_and_json(loop):
     store, *_ = loop
     pair_id = store.scan("pairs").filter(pl.col("iteration") == 1).collect()["pair_id"][0]
-    out = subprocess.run(["selm-data", "lineage", pair_id, "--store", str(store.root),
+    out = subprocess.run([SELM_DATA, "lineage", pair_id, "--store", str(store.root),
                           "--json"], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == json.loads(json.dumps(lineage(store, pair_id), default=str))
-    tree = subprocess.run(["selm-data", "lineage", pair_id, "--store", str(store.root)],
+    tree = subprocess.run([SELM_DATA, "lineage", pair_id, "--store", str(store.root)],
                           capture_output=True, text=True, check=True).stdout
     assert "upstream" in tree and "downstream" in tree and "it1" in tree

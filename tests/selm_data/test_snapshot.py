@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -14,6 +16,8 @@ from selm_data import open_store
 from selm_data.errors import SelmError
 from selm_data.snapshot import Filters, check_snapshot, export
 from selm_data.store import RunInfo
+
+SELM_DATA = str(Path(sys.executable).parent / "selm-data")
 
 TABLES = ("prompts", "quarantine", "responses", "judgments", "pairs")
 
@@ -148,15 +152,15 @@ def test_export_command(built):
     import subprocess
 
     store, _, _ = built
-    out = subprocess.run(["selm-data", "export", "--iter", "2", "--store", str(store.root),
+    out = subprocess.run([SELM_DATA, "export", "--iter", "2", "--store", str(store.root),
                           "--name", "cli", "--drop-ties"], capture_output=True, text=True,
                          check=True).stdout
     assert "exported cli: 6 pairs" in out and "load_dataset(" in out
-    again = subprocess.run(["selm-data", "export", "--iter", "2", "--store", str(store.root),
+    again = subprocess.run([SELM_DATA, "export", "--iter", "2", "--store", str(store.root),
                             "--name", "cli", "--drop-ties"], capture_output=True, text=True,
                            check=True).stdout
     assert "unchanged: already exported as cli" in again
-    clash = subprocess.run(["selm-data", "export", "--iter", "2", "--store", str(store.root),
+    clash = subprocess.run([SELM_DATA, "export", "--iter", "2", "--store", str(store.root),
                             "--name", "cli"], capture_output=True, text=True)
     assert clash.returncode == 2 and "never overwritten" in clash.stderr + clash.stdout
 
