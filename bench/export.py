@@ -102,7 +102,8 @@ def main() -> None:
             t0 = time.perf_counter()
             snap = export(store, 1, name=f"run{rep}")
             ours.append(time.perf_counter() - t0)
-            assert snap.content_hash == first.content_hash and snap.row_count == args.pairs
+            assert snap.content_hash == first.content_hash, "export is deterministic"
+            assert snap.row_count == args.pairs, (snap.row_count, args.pairs)
             from datasets import Dataset
 
             out = root / f"baseline{rep}.parquet"

@@ -4,7 +4,8 @@
 joins the prompt and the three texts, applies the filters, and writes the rows sorted by
 `pair_id` under `<store>/exports/<name>/` with a `snapshot.json` beside them. The content hash
 is the sha256 over the files' names and sha256s; the same inputs and filters write the same
-bytes, so exporting again gives the same hash and adds nothing. A name is never reused for other
+bytes (with the same pyarrow: another Parquet writer may encode differently), so exporting
+again gives the same hash and adds nothing. A name is never reused for other
 content, files are made read-only, and `selm-data verify` rehashes them.
 
 Two layouts, each with what SELM and lineage need besides (`reference`: y_ref, for the SELM
@@ -219,13 +220,17 @@ def _schema(schema: pa.Schema) -> pa.Schema:
 
 
 def _write_files(table: pa.Table, folder: Path) -> list[str]:
+    """Shards of at most ROWS_PER_FILE rows, one row group each. The table is made one chunk
+    first: Parquet pages follow Arrow chunks, and polars chunks its output by thread timing,
+    so without it the same rows could write different bytes (and a different hash)."""
+    table = table.combine_chunks()
     (folder / "data").mkdir()
     n = max(1, -(-table.num_rows // ROWS_PER_FILE))
     files = []
     for i in range(n):
         rel = f"data/train-{i:05d}-of-{n:05d}.parquet"
         part = table.slice(i * ROWS_PER_FILE, ROWS_PER_FILE)
-        pq.write_table(part, folder / rel, compression="zstd")
+        pq.write_table(part, folder / rel, compression="zstd", row_group_size=ROWS_PER_FILE)
         files.append(rel)
     return files
 
