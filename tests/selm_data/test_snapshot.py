@@ -213,3 +213,21 @@ def test_ultrafeedback_layout_is_what_alignment_handbook_reads(built):
         assert row["chosen"][:-1] == row["rejected"][:-1] == row["reference"][:-1]
         assert row["chosen"][-1]["role"] == row["rejected"][-1]["role"] == "assistant"
         assert row["prompt"] == row["chosen"][-2]["content"]
+
+
+def test_the_same_rows_in_other_chunks_write_the_same_bytes(built, tmp_path):
+    """polars chunks its output by thread timing; the hash must not see it."""
+    import pyarrow as pa
+
+    from selm_data.snapshot import _write_files, files_hash
+
+    store, _, _ = built
+    table = pq.read_table(export(store, 2).path / "data")
+    chunked = pa.concat_tables([table.slice(0, 2), table.slice(2, 3), table.slice(5)])
+    assert chunked.column(0).num_chunks == 3
+    hashes = []
+    for name, t in (("one", table), ("three", chunked)):
+        (tmp_path / name).mkdir()
+        files = _write_files(t, tmp_path / name)
+        hashes.append(files_hash(tmp_path / name, files))
+    assert hashes[0] == hashes[1]
