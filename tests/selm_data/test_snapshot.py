@@ -215,15 +215,17 @@ def test_ultrafeedback_layout_is_what_alignment_handbook_reads(built):
         assert row["prompt"] == row["chosen"][-2]["content"]
 
 
-def test_the_same_rows_in_other_chunks_write_the_same_bytes(built, tmp_path):
-    """polars chunks its output by thread timing; the hash must not see it."""
+def test_the_same_rows_in_other_chunks_write_the_same_bytes(tmp_path):
+    """polars chunks its output by thread timing, and Parquet pages follow Arrow chunks once a
+    column outgrows a page (here ~7 MB of text; without combine_chunks the hashes differ)."""
     import pyarrow as pa
 
     from selm_data.snapshot import _write_files, files_hash
 
-    store, _, _ = built
-    table = pq.read_table(export(store, 2).path / "data")
-    chunked = pa.concat_tables([table.slice(0, 2), table.slice(2, 3), table.slice(5)])
+    texts = [f"word {i} " * (i % 50 + 1) for i in range(30_000)]
+    table = pa.table({"text": texts, "n": list(range(30_000))})
+    chunked = pa.concat_tables([table.slice(0, 7_000), table.slice(7_000, 11_000),
+                                table.slice(18_000)])
     assert chunked.column(0).num_chunks == 3
     hashes = []
     for name, t in (("one", table), ("three", chunked)):
