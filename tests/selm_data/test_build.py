@@ -88,6 +88,23 @@ def test_build_iteration_1(tmp_path, tiny_lm, tiny_rm):
     assert report.ref_won == (pairs["chosen_origin"] == "policy").sum()
     assert verify(store) == []
 
+    # The lineage of a built pair reaches its source row, policy, sampling and ranker, and
+    # after an export, the snapshot that holds it.
+    from selm_data.lineage import lineage
+    from selm_data.snapshot import export
+
+    snap = export(store, 1)
+    pair = pairs.row(0, named=True)
+    node = lineage(store, pair["pair_id"])
+    up = node["upstream"]
+    assert up["prompt"]["source"] == str(tmp_path / "data.jsonl")
+    assert up["prompt"]["source_row"] in range(12)
+    assert up["ref"]["policy"] == str(tiny_lm) and up["ref"]["backend"] == "transformers"
+    assert up["ref"]["sampling"]["max_tokens"] == 8
+    assert up["ranking"]["ranker"] == f"reward_model:{tiny_rm}"
+    assert node["downstream"]["snapshots"][0]["name"] == snap.name
+    assert verify(store) == []
+
 
 def test_rerun_adds_nothing_and_changes_nothing(tmp_path, tiny_lm, tiny_rm):
     m = Manifest.model_validate(manifest_dict(tmp_path, tiny_lm, tiny_rm))
