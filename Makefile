@@ -36,6 +36,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/selm-data build --iter 1 --manifest $(DEMO)
+	$(BIN)/selm-data export --iter 1 --manifest $(DEMO)
 	$(BIN)/selm-data verify --manifest $(DEMO)
 
 test: $(VENV)/.installed-test
