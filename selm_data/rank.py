@@ -102,7 +102,6 @@ def make_ranker(spec: RankerSpec) -> Ranker:
 
         assert spec.server is not None  # the manifest checks it
         return JudgeRanker(spec.server)
-    raise SelmError(
-        f"ranker kind {spec.kind!r} is not available in this version of selm; "
-        "use `kind: reward_model`, `kind: judge` or `kind: demo`"
-    )
+    from selm_data.pairrm import load_pairrm
+
+    return load_pairrm(spec.model, spec.revision, spec.batch_size)

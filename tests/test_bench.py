@@ -21,3 +21,24 @@ def test_store_ingest_runs_and_prints_its_table(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "re-append (0 added)" in proc.stdout and "ingest" in proc.stdout
     assert list(tmp_path.iterdir()) == [], "the benchmark cleans up after itself"
+
+
+@pytest.mark.slow
+def test_rank_bench_runs_on_a_tiny_ranker():
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "rank.py"), "--size", "tiny", "--prompts", "3",
+         "--repeats", "1", "--vocab", "1000"],
+        capture_output=True, text=True, timeout=600, cwd=BENCH,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "identical rankings" in proc.stdout.lower() and "3 / 3" in proc.stdout
+
+
+@pytest.mark.slow
+def test_export_bench_runs_and_checks_determinism():
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "export.py"), "--pairs", "1500", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, cwd=BENCH,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ratio" in proc.stdout and "1,500 pairs" in proc.stdout
