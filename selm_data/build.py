@@ -110,7 +110,7 @@ def build(
             _count_source(report, loaded, mine)
             _original_pairs(store, manifest, loaded, mine, iteration, report)
             return report
-        model = resolve_policy(policy or _policy_of(store, manifest, iteration),
+        model = resolve_policy(policy or policy_for(store, manifest, iteration),
                                revision=manifest.policy.revision if policy is None else None)
         report = BuildReport(iteration, str(shard), policy=model.reference)
         _count_source(report, loaded, mine)
@@ -132,7 +132,7 @@ def _count_source(report: BuildReport, loaded: LoadedSource, mine: list) -> None
     report.prompts = len(mine)
 
 
-def _policy_of(store: Store, manifest: Manifest, iteration: int) -> str:
+def policy_for(store: Store, manifest: Manifest, iteration: int) -> str:
     """Iteration 1 starts from the manifest's policy; iteration t from t-1's checkpoint."""
     if iteration == 1:
         return manifest.policy.model

@@ -1,13 +1,15 @@
-"""`selm-train`: train a policy on a snapshot.
+"""`selm-train`: train a policy on a snapshot, or run a manifest's whole loop.
 
-An entry point: it parses arguments and calls the library; nothing imports it. Training itself
-arrives with the trainer; today this command shows the per-iteration plan a manifest resolves
-to, validated the same way the trainer will read it.
+An entry point: it parses arguments and calls the library; nothing imports it.
+`selm-train train` runs as one process, under `torchrun --nproc_per_node N -m selm_train.cli
+train ...` or under the `deepspeed` launcher alike.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -53,9 +55,71 @@ def plan(
     console.print(table)
 
 
+def _progress(total_hint: str = "") -> Callable[[dict[str, float]], None]:
+    def show(row: dict[str, float]) -> None:
+        extra = "".join(f"  {short}={row[key]:.3f}" for key, short in (
+            ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+            ("rewards/ref_response", "ref_reward")) if key in row)
+        console.print(f"step {int(row['step'])}{total_hint}  loss={row['loss']:.4f}{extra}  "
+                      f"lr={row['lr']:.2e}", highlight=False)
+    return show
+
+
+@app.command("train")
+def train_cmd(
+    snapshot: Annotated[str, typer.Option(help="STORE@NAME, or a snapshot folder.")],
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", "-m", help="Manifest YAML: the training settings (default as selm-data).")
+    ] = None,
+    iteration: Annotated[int | None, typer.Option(
+        "--iter", help="Whose settings to use (default: the snapshot's iteration).")] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="Start from this model (default: the policy that generated the iteration's data: "
+        "the manifest's model for iteration 1, else iteration N-1's checkpoint).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        help="Checkpoint folder (default: <store>/models/iterN-<snapshot hash>).")] = None,
+    register: Annotated[bool, typer.Option(
+        help="Register the checkpoint in the snapshot's store.")] = True,
+    json_log: Annotated[bool, typer.Option(
+        "--json-log", help="Print each step's metrics as one JSON line.")] = False,
+    local_rank: Annotated[int | None, typer.Option(
+        "--local_rank", "--local-rank", hidden=True,
+        help="Set by the deepspeed launcher; LOCAL_RANK is read from the environment.")] = None,
+) -> None:
+    """Train on a snapshot with the manifest's loss (dpo, ipo or selm); write and register a
+    checkpoint that records the snapshot."""
+    from selm_data.build import policy_for
+    from selm_data.store import open_store
+    from selm_train.data import resolve_snapshot
+    from selm_train.train import train
+
+    m = load_manifest(find_manifest(manifest))
+    snap = resolve_snapshot(snapshot)
+    t = iteration or snap.iteration
+    if policy is None:
+        if snap.store is None:
+            raise SelmError("a snapshot given by folder has no store to find its policy in: "
+                            "pass --policy, or name it as STORE@NAME")
+        policy = policy_for(open_store(snap.store), m, t)
+    if output is None:
+        root = snap.store or snap.folder.parent
+        output = Path(root) / "models" / f"iter{t}-{snap.content_hash[:8]}"
+    show = (lambda row: print(json.dumps(row), flush=True)) if json_log else _progress()
+    result = train(snapshot, policy, output, m.train_for(t), iteration=t, register=register,
+                   progress=show)
+    if result.checkpoint is not None:
+        console.print(f"checkpoint {result.checkpoint} ({result.steps} steps)"
+                      + (f", registered as {result.checkpoint_id}" if result.checkpoint_id
+                         else ""), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()
     except SelmError as e:
         Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # python -m selm_train.cli (torchrun -m needs a module)
+    main()

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chain_rows, write_chain
-from selm_data.build import _policy_of
+from selm_data.build import policy_for
 from selm_data.errors import SelmError
 from selm_data.lineage import lineage
 from selm_data.manifest import Manifest
@@ -60,7 +60,7 @@ def test_save_reload_register_and_the_next_build_uses_it(store, tiny_lm, tmp_pat
     manifest = Manifest.model_validate({
         "name": "t", "store": str(store.root), "source": {"path": "x.jsonl"},
         "policy": {"model": str(tiny_lm)}, "iterations": 2})
-    assert _policy_of(store, manifest, 2) == str(folder)
+    assert policy_for(store, manifest, 2) == str(folder)
     node = lineage(store, row["checkpoint_id"])
     assert node["upstream"]["snapshot"]["name"] == "it1"
     with pytest.raises(SelmError, match="never overwritten"):

@@ -1,0 +1,235 @@
+"""One iteration's training: a snapshot in, a registered checkpoint out.
+
+The recipe, top to bottom (torchtune-style: one readable function, no trainer class):
+
+1. join the process group (a plain process, `torchrun` or `deepspeed` alike);
+2. resolve and verify the snapshot, load the starting policy (the reference: SELM's reference
+   for iteration t is the policy that generated iteration t's data);
+3. tokenise with the policy's chat template;
+4. reference log-probs, once per snapshot and reference model, cached beside the snapshot, so
+   a training step runs only the policy (the paper's code recomputed them every step);
+5. DeepSpeed engine (ZeRO 0-3), then global batches of chosen, rejected and y_ref in one
+   forward each micro-batch, the loss of the manifest (dpo, ipo or selm);
+6. the gathered weights saved as a checkpoint with its lineage, registered in the store.
+
+Global batch g of epoch e is the same pairs whatever the number of processes: the epoch's
+order is a seeded permutation, and process r takes micro-batches r, r + W, ... of each global
+batch, so one process and two give the same losses (tests/selm_train/test_train.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from selm_data.errors import SelmError
+from selm_data.manifest import TrainSpec
+from selm_data.models import ResolvedModel, resolve_policy
+from selm_data.schema import canonical_json
+from selm_data.store import open_store
+from selm_train.checkpoint import (
+    CheckpointInfo,
+    parent_checkpoint,
+    register_checkpoint,
+    save_checkpoint,
+)
+from selm_train.data import (
+    Batch,
+    SnapshotRef,
+    TokenizedExample,
+    collate,
+    read_examples,
+    resolve_snapshot,
+    tokenize,
+)
+from selm_train.engine import ds_config, gather_state_dict, init_distributed, make_engine
+from selm_train.losses import LossOutput, dpo_loss, ipo_loss, selm_loss, sequence_logps
+
+Progress = Callable[[dict[str, float]], None]  # called on rank 0 after each optimizer step
+REFERENCE_DIR = "reference"
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path | None  # None on ranks other than 0
+    checkpoint_id: str | None
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteration: int,
+          register: bool = True, progress: Progress | None = None) -> TrainResult:
+    """Train `policy` on `snapshot` (a folder, or STORE@NAME) with `spec`; save to `output`.
+
+    With `register` and a snapshot named through its store, the checkpoint is added to that
+    store's `checkpoints` table, where `selm-data build --iter {iteration + 1}` finds it.
+    """
+    dist = init_distributed()
+    torch.manual_seed(spec.seed)
+    snap = resolve_snapshot(snapshot)
+    model_ref = resolve_policy(policy)
+    tokenizer, model = _load(model_ref, dist.device, spec)
+    examples = tokenize(read_examples(snap), tokenizer, max_length=spec.max_length,
+                        max_prompt_length=spec.max_prompt_length)
+    with_ref = spec.loss == "selm"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    reference = reference_logps(model, examples, snap, model_ref, spec, pad, dist)
+
+    config = ds_config(spec, world_size=dist.world_size, device=dist.device.type)
+    steps_per_epoch = len(examples) // spec.global_batch_size
+    if steps_per_epoch == 0:
+        raise SelmError(f"snapshot {snap.name} has {len(examples)} pairs, fewer than one global "
+                        f"batch ({spec.global_batch_size}): lower train.global_batch_size")
+    total = steps_per_epoch * spec.epochs
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    engine = make_engine(model, config, learning_rate=spec.learning_rate, total_steps=total,
+                         lr_scheduler=spec.lr_scheduler, warmup_ratio=spec.warmup_ratio)
+    micro, accum = spec.micro_batch_size, config["gradient_accumulation_steps"]
+    history = []
+    for epoch in range(spec.epochs):
+        order = torch.randperm(len(examples),
+                               generator=torch.Generator().manual_seed(spec.seed + epoch))
+        for step in range(steps_per_epoch):
+            start = step * spec.global_batch_size
+            mine = [order[start + m * micro:start + (m + 1) * micro].tolist()
+                    for m in range(dist.rank, spec.global_batch_size // micro, dist.world_size)]
+            assert len(mine) == accum
+            sums: dict[str, float] = {}
+            for indices in mine:
+                batch = collate([examples[i] for i in indices], pad, with_reference=with_ref)
+                out = _step_loss(engine, batch.to(dist.device), reference, spec)
+                engine.backward(out.losses.mean())
+                engine.step()
+                for key, value in _metrics(out).items():
+                    sums[key] = sums.get(key, 0.0) + value / accum
+            row = _all_mean(sums, dist.world_size)
+            row.update(step=len(history) + 1, epoch=epoch,
+                       lr=engine.get_lr()[0] if hasattr(engine, "get_lr") else math.nan)
+            history.append(row)
+            if progress is not None and dist.rank == 0:
+                progress(row)
+    state = gather_state_dict(engine)
+    if dist.rank != 0:
+        torch.distributed.barrier()
+        return TrainResult(None, None, total, history)
+    store = open_store(snap.store) if snap.store is not None else None
+    info = CheckpointInfo(
+        iteration=iteration, snapshot_name=snap.name, snapshot_id=snap.snapshot_id,
+        snapshot_hash=snap.content_hash, base_model=model_ref.reference,
+        parent_id=parent_checkpoint(store, model_ref.path) if store else None,
+        loss=spec.loss, config={**spec.model_dump(), "world_size": dist.world_size,
+                                "gradient_accumulation_steps": accum, "optimizer_steps": total},
+    )
+    folder = save_checkpoint(model, tokenizer, output, info, state_dict=state)
+    checkpoint_id = None
+    if register and store is not None:
+        checkpoint_id = register_checkpoint(store, folder)["checkpoint_id"]
+    torch.distributed.barrier()
+    return TrainResult(folder, checkpoint_id, total, history)
+
+
+def _load(model: ResolvedModel, device: torch.device, spec: TrainSpec) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
+    tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.revision)
+    policy = AutoModelForCausalLM.from_pretrained(
+        model.path, revision=model.revision, use_safetensors=True,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+    ).to(device)
+    return tokenizer, policy
+
+
+def _forward(model: Any, batch: Batch) -> torch.Tensor:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return sequence_logps(logits, batch.input_ids, batch.loss_mask)
+
+
+def _step_loss(engine: Any, batch: Batch, reference: dict[str, tuple[float, ...]],
+               spec: TrainSpec) -> LossOutput:
+    policy = batch.split(_forward(engine, batch))
+    ref = torch.tensor([reference[p] for p in batch.pair_ids], dtype=policy[0].dtype,
+                       device=policy[0].device).T
+    if spec.loss == "selm":
+        return selm_loss(policy[0], policy[1], policy[2], ref[0], ref[1], ref[2],
+                         beta=spec.beta, alpha=spec.alpha)
+    if spec.loss == "ipo":
+        lengths = batch.split(batch.loss_mask.sum(dim=1))
+        return ipo_loss(policy[0], policy[1], ref[0], ref[1], spec.beta,
+                        chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+    return dpo_loss(policy[0], policy[1], ref[0], ref[1], spec.beta)
+
+
+def _metrics(out: LossOutput) -> dict[str, float]:
+    row = {"loss": float(out.losses.detach().mean())}
+    for key, value in out.metrics.items():
+        row[key] = float(value.float().mean())
+    return row
+
+
+def _all_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
+    """Each process's micro-batch means, averaged over processes (equal shares)."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if world_size > 1:
+        torch.distributed.all_reduce(t)
+        t /= world_size
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+# --- reference log-probs ----------------------------------------------------------------------
+
+
+def reference_logps(model: Any, examples: Sequence[TokenizedExample], snap: SnapshotRef,
+                    model_ref: ResolvedModel, spec: TrainSpec, pad: int,
+                    dist: Any) -> dict[str, tuple[float, ...]]:
+    """Summed log-probs of chosen, rejected (and y_ref) under the reference model, by pair id.
+
+    Computed once and kept in `<snapshot>/reference/<key>.parquet`, the key naming the model's
+    fingerprint, the dtype and the truncation: the reference is fixed within an iteration, so
+    every later run on this snapshot (another loss, a restart) skips the pass. Rank 0 computes
+    and writes; the others wait and read.
+    """
+    with_ref = spec.loss == "selm" or all(ex.ref_ids is not None for ex in examples)
+    key = hashlib.sha256(canonical_json({
+        "model": model_ref.fingerprint, "dtype": str(next(model.parameters()).dtype),
+        "max_length": spec.max_length, "max_prompt_length": spec.max_prompt_length,
+        "with_ref": with_ref, "snapshot": snap.content_hash,
+    }).encode()).hexdigest()[:24]
+    path = snap.folder / REFERENCE_DIR / f"{key}.parquet"
+    if dist.rank == 0 and not path.is_file():
+        values = _compute_reference(model, examples, pad, with_ref, spec.micro_batch_size * 4)
+        path.parent.mkdir(exist_ok=True)
+        staging = path.with_suffix(f".{dist.rank}.tmp")
+        pl.DataFrame([{"pair_id": k, "logps": list(v)} for k, v in values.items()]).write_parquet(
+            staging)
+        staging.replace(path)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    frame = pl.read_parquet(path)
+    return {p: tuple(v) for p, v in zip(frame["pair_id"], frame["logps"].to_list(), strict=True)}
+
+
+@torch.no_grad()
+def _compute_reference(model: Any, examples: Sequence[TokenizedExample], pad: int,
+                       with_ref: bool, batch_size: int) -> dict[str, tuple[float, ...]]:
+    was_training = model.training
+    model.eval()
+    out = {}
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad, with_reference=with_ref)
+        batch = batch.to(next(model.parameters()).device)
+        parts = batch.split(_forward(model, batch).double())
+        for i, pair_id in enumerate(batch.pair_ids):
+            out[pair_id] = tuple(float(p[i]) for p in parts)
+    model.train(was_training)
+    return out

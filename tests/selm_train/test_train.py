@@ -1,0 +1,93 @@
+"""selm-train end to end on a tiny model: one process, two under torchrun, the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import chain_rows, require
+from selm_data.manifest import TrainSpec
+from selm_data.models import resolve_policy
+from selm_data.snapshot import export
+from selm_train.train import REFERENCE_DIR, train
+
+pytestmark = pytest.mark.slow
+SPEC = TrainSpec(loss="selm", beta=0.1, alpha=0.05, learning_rate=1e-3, global_batch_size=4,
+                 micro_batch_size=1, max_length=64, max_prompt_length=32, warmup_ratio=0.0,
+                 lr_scheduler="constant", zero_stage=0)
+
+
+@pytest.fixture
+def snapshot(store):
+    require("deepspeed", "'selm[train]'")
+    rows = chain_rows(1, 8)
+    for table in ("prompts", "responses", "judgments", "pairs"):
+        store.append(table, rows[table])
+    export(store, 1, name="it1")
+    return f"{store.root}@it1"
+
+
+def test_one_process_trains_saves_and_registers(snapshot, store, tiny_lm, tmp_path):
+    out = train(snapshot, str(tiny_lm), tmp_path / "ckpt", SPEC, iteration=1)
+    assert out.steps == 2 and len(out.history) == 2
+    # Step 1's micro-batches all run before the first update: policy == reference, so every
+    # log-ratio is 0 and the loss is -log(sigmoid(0)) = log 2 exactly, for DPO and SELM alike.
+    assert out.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert out.history[1]["loss"] < math.log(2), "the first update lowered the loss"
+    row = store.scan("checkpoints").collect().row(0, named=True)
+    assert row["checkpoint_id"] == out.checkpoint_id and row["path"] == str(out.checkpoint)
+    assert row["fingerprint"] == resolve_policy(str(out.checkpoint)).fingerprint
+    trained = AutoModelForCausalLM.from_pretrained(out.checkpoint, use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    changed = [n for (n, a), (_, b) in zip(trained.state_dict().items(),
+                                          base.state_dict().items(), strict=True)
+               if not torch.equal(a, b)]
+    assert changed, "training changed the weights"
+    config = json.loads(row["config"])
+    assert (config["loss"], config["alpha"], config["optimizer_steps"]) == ("selm", 0.05, 2)
+
+    cache = list((store.root / "exports" / "it1" / REFERENCE_DIR).glob("*.parquet"))
+    assert len(cache) == 1
+    mtime = cache[0].stat().st_mtime_ns
+    again = train(snapshot, str(tiny_lm), tmp_path / "ckpt2", SPEC, iteration=1, register=False)
+    assert cache[0].stat().st_mtime_ns == mtime, "reference log-probs came from the cache"
+    assert [r["loss"] for r in again.history] == [r["loss"] for r in out.history]
+    assert store.scan("checkpoints").select(pl.len()).collect().item() == 1
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_under_torchrun_equal_one(snapshot, tiny_lm, tmp_path, stage):
+    """The same global batches, split over two processes, give the same losses."""
+    def run(nproc: int, out: Path) -> list[dict]:
+        manifest = tmp_path / f"m{nproc}.yaml"
+        manifest.write_text(json.dumps({
+            "name": "t", "store": snapshot.split("@")[0], "source": {"path": "x.jsonl"},
+            "policy": {"model": str(tiny_lm)}, "iterations": 1,
+            "train": {**SPEC.model_dump(), "zero_stage": stage}}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--standalone", "-m", "selm_train.cli", "train", "--snapshot", snapshot,
+               "--manifest", str(manifest), "--policy", str(tiny_lm), "--output", str(out),
+               "--no-register", "--json-log"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+    one = run(1, tmp_path / "one")
+    two = run(2, tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+    w1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    w2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)
