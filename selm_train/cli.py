@@ -77,7 +77,8 @@ def train_cmd(
         help="Start from this model (default: the policy that generated the iteration's data: "
         "the manifest's model for iteration 1, else iteration N-1's checkpoint).")] = None,
     output: Annotated[Path | None, typer.Option(
-        help="Checkpoint folder (default: <store>/models/iterN-<snapshot hash>).")] = None,
+        help="Checkpoint folder (default: models/iterN-<snapshot hash> beside the store).")
+    ] = None,
     register: Annotated[bool, typer.Option(
         help="Register the checkpoint in the snapshot's store.")] = True,
     json_log: Annotated[bool, typer.Option(
@@ -102,8 +103,10 @@ def train_cmd(
                             "pass --policy, or name it as STORE@NAME")
         policy = policy_for(open_store(snap.store), m, t)
     if output is None:
-        root = snap.store or snap.folder.parent
-        output = Path(root) / "models" / f"iter{t}-{snap.content_hash[:8]}"
+        from selm_train.loop import checkpoint_folder
+
+        output = checkpoint_folder(snap.store or snap.folder.parent.parent, t,
+                                   snap.content_hash)
     show = (lambda row: print(json.dumps(row), flush=True)) if json_log else _progress()
     result = train(snapshot, policy, output, m.train_for(t), iteration=t, register=register,
                    progress=show)
@@ -111,6 +114,39 @@ def train_cmd(
         console.print(f"checkpoint {result.checkpoint} ({result.steps} steps)"
                       + (f", registered as {result.checkpoint_id}" if result.checkpoint_id
                          else ""), highlight=False, soft_wrap=True)
+
+
+@app.command("loop")
+def loop_cmd(
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", "-m", help="Manifest YAML (default as selm-data).")] = None,
+    iterations: Annotated[int | None, typer.Option(
+        help="Run iterations 1..N (default: all of the manifest's).")] = None,
+) -> None:
+    """Build, export and train every iteration of a manifest in turn; rerun to resume."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bar
+
+    from selm_data.cli import _run_info
+    from selm_data.store import open_store
+    from selm_train.loop import run_loop
+
+    m = load_manifest(find_manifest(manifest))
+    store = open_store(m.store, create=True, run=_run_info(m))
+    with Bar("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+             TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("build", total=None)
+
+        def on_build(stage: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"build: {stage}")
+
+        done = run_loop(m, store, iterations=iterations, on_build=on_build,
+                        on_step=_progress(), say=lambda text: console.print(text,
+                                                                            highlight=False))
+    for it in done:
+        console.print(f"iteration {it.iteration}: checkpoint {it.checkpoint}"
+                      + (f" ({it.steps} steps)" if it.steps else ""), highlight=False,
+                      soft_wrap=True)
 
 
 def main() -> None:

@@ -107,3 +107,26 @@ def require(module: str, install: str):
         if os.environ.get("SELM_REQUIRE_OPTIONAL") == "1":
             pytest.fail(f"{module} is required here (SELM_REQUIRE_OPTIONAL=1): {e}")
         pytest.skip(f"needs {module}: pip install {install}")
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def manifest_dict(tmp_path: Path, tiny_lm: Path, tiny_rm: Path, **overrides) -> dict:
+    rows = (SHARED / "ultrafeedback_binarized_1000.jsonl").read_text().splitlines()[:24]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    m = {
+        "name": "test", "store": str(tmp_path / "store"),
+        "source": {"path": str(data)},
+        "policy": {"model": str(tiny_lm), "dtype": "float32"},
+        "generation": {"backend": "transformers", "max_tokens": 8, "batch_size": 4},
+        "ranker": {"kind": "reward_model", "model": str(tiny_rm), "batch_size": 6},
+        "train": {"alpha": 0.001},
+        "iterations": 2,
+        "commit_every": 4,  # three commits for the 12 prompts of a portion
+    }
+    for key, value in overrides.items():
+        m[key] = {**m[key], **value} if isinstance(m.get(key), dict) else value
+    return m

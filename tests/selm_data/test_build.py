@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 import yaml
 
+from helpers import manifest_dict
 from selm_data import SelmError, open_store, verify
 from selm_data.build import Shard, build
 from selm_data.manifest import Manifest
@@ -23,26 +24,6 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 PAIR_CONTENT = ["pair_id", "prompt_id", "iteration", "ranking_id", "rule", "chosen_id",
                 "rejected_id", "ref_id", "chosen_score", "rejected_score", "margin", "is_tie",
                 "chosen_origin", "rejected_origin"]
-
-
-def manifest_dict(tmp_path: Path, tiny_lm: Path, tiny_rm: Path, **overrides) -> dict:
-    rows = (SHARED / "ultrafeedback_binarized_1000.jsonl").read_text().splitlines()[:24]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(rows) + "\n")
-    m = {
-        "name": "test", "store": str(tmp_path / "store"),
-        "source": {"path": str(data)},
-        "policy": {"model": str(tiny_lm), "dtype": "float32"},
-        "generation": {"backend": "transformers", "max_tokens": 8, "batch_size": 4},
-        "ranker": {"kind": "reward_model", "model": str(tiny_rm), "batch_size": 6},
-        "train": {"alpha": 0.001},
-        "iterations": 2,
-        "commit_every": 4,  # three commits for the 12 prompts of a portion
-    }
-    for key, value in overrides.items():
-        m[key] = {**m[key], **value} if isinstance(m.get(key), dict) else value
-    return m
 
 
 def open_new(path: Path):

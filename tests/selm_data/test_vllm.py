@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import require
+from helpers import manifest_dict, require
 from selm_data import open_store
 from selm_data.build import build
 from selm_data.errors import SelmError
@@ -251,8 +251,6 @@ def test_server_model_key_and_address_errors_say_what_to_do(server, monkeypatch)
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["vllm", "openai"])
 def test_build_on_vllm_backends(backend, engine, server, tiny_lm, tiny_rm, tmp_path):
-    from test_build import manifest_dict
-
     generation = {"backend": backend, "max_tokens": 8, "vllm": CPU.model_dump()}
     if backend == "openai":
         os.environ["SELM_TEST_KEY"] = API_KEY

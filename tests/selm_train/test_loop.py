@@ -1,0 +1,49 @@
+"""The loop: build, export, train for two iterations on tiny models; iteration 2 generates with
+iteration 1's checkpoint; a rerun does nothing."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from helpers import manifest_dict, require
+from selm_data.lineage import lineage
+from selm_data.manifest import Manifest
+from selm_data.store import RunInfo, open_store
+from selm_train.loop import run_loop
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_iterations_end_to_end_and_resume(tmp_path, tiny_lm, tiny_rm):
+    require("deepspeed", "'selm[train]'")
+    m = Manifest.model_validate(manifest_dict(
+        tmp_path, tiny_lm, tiny_rm,
+        train={"loss": "selm", "beta": 0.1, "alpha": 0.01, "learning_rate": 1e-3,
+               "global_batch_size": 4, "micro_batch_size": 2, "max_length": 96,
+               "max_prompt_length": 48, "warmup_ratio": 0.0}))
+    store = open_store(m.store, create=True, run=RunInfo.new("pytest loop"))
+    said: list[str] = []
+    done = run_loop(m, store, say=said.append)
+    assert [d.iteration for d in done] == [1, 2] and [d.steps for d in done] == [3, 3]
+    checkpoints = store.scan("checkpoints").sort("iteration").collect()
+    assert checkpoints["iteration"].to_list() == [1, 2]
+    first, second = checkpoints.row(0, named=True), checkpoints.row(1, named=True)
+    assert second["parent_id"] == first["checkpoint_id"]
+    # Iteration 2 generated with iteration 1's checkpoint, and lineage says so.
+    policy = store.scan("responses").filter(
+        (pl.col("iteration") == 2) & (pl.col("origin") == "policy")).collect()
+    assert set(policy["policy_fingerprint"].to_list()) == {first["fingerprint"]}
+    assert set(policy["policy"].to_list()) == {first["path"]}
+    node = lineage(store, policy["response_id"][0])
+    assert node["upstream"]["policy_checkpoint"]["checkpoint_id"] == first["checkpoint_id"]
+    ckpt = lineage(store, first["checkpoint_id"])
+    assert ckpt["downstream"]["generated"][first["checkpoint_id"]]["count"] == 12
+    assert [c["checkpoint_id"] for c in ckpt["downstream"]["children"]] == [
+        second["checkpoint_id"]]
+
+    versions = store.versions()
+    again = run_loop(m, open_store(m.store, run=RunInfo.new("pytest loop again")),
+                     say=said.append)
+    assert [d.build for d in again] == [None, None]
+    assert store.versions() == versions, "a finished loop writes nothing on rerun"
