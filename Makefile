@@ -9,7 +9,7 @@ DEMO ?= manifests/demo.yaml
 # build. On a GPU machine: make TORCH=torch==2.13.0 ... with your CUDA index configured.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo loop test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ demo: $(VENV)/.installed
 	$(BIN)/selm-data build --iter 1 --manifest $(DEMO)
 	$(BIN)/selm-data export --iter 1 --manifest $(DEMO)
 	$(BIN)/selm-data verify --manifest $(DEMO)
+
+# The whole loop on the demo manifest: build, export and train two iterations (needs the
+# training extra: DeepSpeed).
+loop: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[train]'
+	$(BIN)/selm-train loop --manifest $(DEMO)
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
