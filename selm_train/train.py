@@ -20,7 +20,6 @@ batch, so one process and two give the same losses (tests/selm_train/test_train.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +103,7 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
                     for m in range(dist.rank, spec.global_batch_size // micro, dist.world_size)]
             assert len(mine) == accum
             sums: dict[str, float] = {}
+            lr = engine.get_lr()[0]  # this step's rate: the scheduler moves after the step
             for indices in mine:
                 batch = collate([examples[i] for i in indices], pad, with_reference=with_ref)
                 out = _step_loss(engine, batch.to(dist.device), reference, spec)
@@ -112,8 +112,7 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
                 for key, value in _metrics(out).items():
                     sums[key] = sums.get(key, 0.0) + value / accum
             row = _all_mean(sums, dist.world_size)
-            row.update(step=len(history) + 1, epoch=epoch,
-                       lr=engine.get_lr()[0] if hasattr(engine, "get_lr") else math.nan)
+            row.update(step=len(history) + 1, epoch=epoch, lr=lr)
             history.append(row)
             if progress is not None and dist.rank == 0:
                 progress(row)

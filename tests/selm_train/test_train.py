@@ -43,6 +43,7 @@ def test_one_process_trains_saves_and_registers(snapshot, store, tiny_lm, tmp_pa
     # log-ratio is 0 and the loss is -log(sigmoid(0)) = log 2 exactly, for DPO and SELM alike.
     assert out.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert out.history[1]["loss"] < math.log(2), "the first update lowered the loss"
+    assert [r["lr"] for r in out.history] == [pytest.approx(1e-3)] * 2  # constant schedule
     row = store.scan("checkpoints").collect().row(0, named=True)
     assert row["checkpoint_id"] == out.checkpoint_id and row["path"] == str(out.checkpoint)
     assert row["fingerprint"] == resolve_policy(str(out.checkpoint)).fingerprint
