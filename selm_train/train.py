@@ -149,8 +149,19 @@ def _load(model: ResolvedModel, device: torch.device, spec: TrainSpec) -> tuple[
 
 
 def _forward(model: Any, batch: Batch) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return sequence_logps(logits, batch.input_ids, batch.loss_mask)
+    """Summed response log-probs of every row of `batch`, in one forward pass.
+
+    Logits are made only from the position before the batch's earliest response token on
+    (`logits_to_keep`): prompt positions predict nothing that is trained, and the (rows,
+    positions, vocabulary) logits are most of a step's memory traffic.
+    """
+    width = batch.input_ids.shape[1]
+    first = int(batch.loss_mask.argmax(dim=1).min())  # earliest response token of any row
+    keep = min(width, width - first + 1)
+    start = width - keep
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   logits_to_keep=keep).logits
+    return sequence_logps(logits, batch.input_ids[:, start:], batch.loss_mask[:, start:])
 
 
 def _step_loss(engine: Any, batch: Batch, reference: dict[str, tuple[float, ...]],

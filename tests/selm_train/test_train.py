@@ -92,3 +92,26 @@ def test_two_processes_under_torchrun_equal_one(snapshot, tiny_lm, tmp_path, sta
     w2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)
+
+
+def test_forward_keeps_only_the_logits_it_needs(tiny_lm):
+    """`_forward` (logits from the earliest response token on) equals the log-probs computed
+    from every position's logits."""
+    from transformers import AutoTokenizer
+
+    from selm_train.data import PreferenceExample, collate, tokenize
+    from selm_train.losses import sequence_logps
+    from selm_train.train import _forward
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    examples = [PreferenceExample(f"p{i}", [{"role": "user", "content": "hello " * (3 + 5 * i)}],
+                                  "yes " * (2 + i), "no", "maybe so " * i or "ok")
+                for i in range(3)]
+    batch = collate(tokenize(examples, tok, max_length=128, max_prompt_length=64),
+                    tok.pad_token_id, with_reference=True)
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        expected = sequence_logps(full, batch.input_ids, batch.loss_mask)
+        got = _forward(model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
