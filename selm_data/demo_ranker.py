@@ -39,7 +39,7 @@ from typing import Any
 from selm_data.errors import SelmError
 from selm_data.manifest import BUNDLED_DATA, SourceSpec
 from selm_data.models import model_cache
-from selm_data.rank import Message, RankRequest
+from selm_data.rank import Message, RankRequest, by_request
 from selm_data.schema import canonical_json
 from selm_data.sources import Example, load_source
 
@@ -166,11 +166,7 @@ class EmbeddingBTRanker:
         prompts = [prompt_text(r.messages) for r in requests for _ in r.candidates]
         candidates = [c for r in requests for c in r.candidates]
         flat = (self.embedder.embed(prompts, candidates).double() @ self.weight).tolist()
-        out, k = [], 0
-        for r in requests:
-            out.append(flat[k:k + len(r.candidates)])
-            k += len(r.candidates)
-        return out
+        return by_request(flat, requests)
 
 
 def pairwise_accuracy(ranker: EmbeddingBTRanker, pairs: Sequence[Example]) -> float:

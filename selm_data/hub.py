@@ -42,7 +42,7 @@ import yaml
 
 from selm_data.errors import SelmError
 from selm_data.manifest import BUNDLED_DATA
-from selm_data.snapshot import check_snapshot
+from selm_data.snapshot import check_snapshot, snapshot_row
 from selm_data.store import Store, package_version
 
 LINEAGE_FILE = "selm_lineage.json"
@@ -207,7 +207,7 @@ def snapshot_lineage(store: Store, name: str, *, license: str | None = None) -> 
         SelmError: no snapshot of that name (the message lists the known ones), or its files
             no longer match its content hash.
     """
-    row = _snapshot_row(store, name)
+    row = snapshot_row(store, name)
     problems = check_snapshot(store, row)
     if problems:
         raise SelmError("; ".join(problems) + ". Push refuses a snapshot whose files changed.")
@@ -249,16 +249,6 @@ def snapshot_lineage(store: Store, name: str, *, license: str | None = None) -> 
         exported_with=str(meta.get("selm_version", "unknown")),
         card_by=package_version(),
     )
-
-
-def _snapshot_row(store: Store, name: str) -> dict[str, Any]:
-    rows = store.scan("snapshots").collect()
-    match = rows.filter(pl.col("name") == name)
-    if match.height:
-        return match.row(0, named=True)
-    known = sorted(rows["name"].to_list())
-    listed = ", ".join(known) if known else "none yet: make one with `selm-data export --iter N`"
-    raise SelmError(f"no snapshot {name!r} in the store at {store.root}; snapshots: {listed}")
 
 
 def _source_name(source: str) -> str:
@@ -584,7 +574,7 @@ def repo_files(store: Store, name: str, *, repo_id: str | None = None,
     `secrets` are masked in the card and lineage file should they appear anywhere in the store.
     """
     lineage = snapshot_lineage(store, name, license=license)
-    folder = store.root / _snapshot_row(store, name)["path"]
+    folder = store.root / snapshot_row(store, name)["path"]
     secrets = tuple(secrets)
     files: dict[str, bytes | Path] = {rel: folder / rel for rel in lineage.files}
     files[CARD_FILE] = scrub(render_card(lineage, repo_id=repo_id), secrets).encode("utf-8")

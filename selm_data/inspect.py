@@ -37,7 +37,7 @@ from rich.table import Table
 
 from selm_data.errors import SelmError
 from selm_data.schema import RESPONSE_ORIGINS
-from selm_data.snapshot import READS, Filters, snapshot_table
+from selm_data.snapshot import READS, Filters, snapshot_row, snapshot_table
 from selm_data.store import Store
 
 QUANTILES = (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))
@@ -499,13 +499,7 @@ def diff(store: Store, a: int | str, b: int | str) -> Diff:
 
 def _side(store: Store, side: int | str) -> tuple[str, int | None, pl.DataFrame]:
     if isinstance(side, str) and not side.isdigit():
-        found = store.scan("snapshots").filter(pl.col("name") == side).collect()
-        if found.height == 0:
-            names = store.scan("snapshots").select("name").collect()["name"].sort().to_list()
-            raise SelmError(f"no snapshot named {side!r}; the store has "
-                            f"{', '.join(names) or 'none'} (`selm-data export` makes one), "
-                            "or give an iteration number")
-        row = found.row(0, named=True)
+        row = snapshot_row(store, side)
         files = sorted((store.root / row["path"] / "data").glob("*.parquet"))
         if not files:
             raise SelmError(f"snapshot {side!r} has no files under {store.root / row['path']}; "

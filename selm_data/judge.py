@@ -23,7 +23,7 @@ from typing import Any
 
 from selm_data.errors import SelmError
 from selm_data.manifest import ServerSpec
-from selm_data.rank import Message, RankRequest
+from selm_data.rank import Message, RankRequest, by_request
 from selm_data.server import Server
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,7 @@ class JudgeRanker:
         jobs = [(r.messages, c) for r in requests for c in r.candidates]
         with ThreadPoolExecutor(self.server.max_concurrency) as pool:
             flat = list(pool.map(lambda job: self._rate(*job), jobs))
-        out, k = [], 0
-        for r in requests:
-            out.append(flat[k:k + len(r.candidates)])
-            k += len(r.candidates)
-        return out
+        return by_request(flat, requests)
 
     def _rate(self, messages: list[Message], candidate: str) -> float:
         try:

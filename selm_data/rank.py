@@ -29,6 +29,15 @@ class RankRequest:
     candidates: list[str]  # responses, in the order (y_ref, y_w, y_l)
 
 
+def by_request(flat: Sequence[float], requests: Sequence[RankRequest]) -> list[list[float]]:
+    """Scores of all candidates of all requests, in order, cut back into one list a request."""
+    out, k = [], 0
+    for r in requests:
+        out.append(list(flat[k:k + len(r.candidates)]))
+        k += len(r.candidates)
+    return out
+
+
 class Ranker(Protocol):
     name: str
     version: str
@@ -69,11 +78,7 @@ class RewardModelRanker:
         flat: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             flat += self._score_batch(texts[start:start + self.batch_size])
-        out, k = [], 0
-        for r in requests:
-            out.append(flat[k:k + len(r.candidates)])
-            k += len(r.candidates)
-        return out
+        return by_request(flat, requests)
 
     def _render(self, messages: list[Message], candidate: str) -> str:
         conversation = [*messages, {"role": "assistant", "content": candidate}]

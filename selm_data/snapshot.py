@@ -260,6 +260,23 @@ def _registered(store: Store, name: str) -> dict[str, Any] | None:
     return rows.row(0, named=True) if rows.height else None
 
 
+def snapshot_row(store: Store, name: str) -> dict[str, Any]:
+    """The registered snapshot `name`, or a SelmError that lists the store's snapshots."""
+    row = _registered(store, name)
+    if row is None:
+        raise SelmError(f"no snapshot named {name!r}; known: {snapshot_names(store)}. Export "
+                        f"one with `selm-data export --iter N` (store {store.root})")
+    return row
+
+
+def snapshot_names(store: Store, limit: int = 20) -> str:
+    names = sorted(store.scan("snapshots").select("name").collect()["name"].to_list())
+    if not names:
+        return "none yet"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def _snapshot(store: Store, row: dict[str, Any], *, created: bool) -> Snapshot:
     folder = store.root / row["path"]
     meta = json.loads((folder / "snapshot.json").read_text())

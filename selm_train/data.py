@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -39,8 +38,8 @@ from torch import Tensor
 
 from selm_data.errors import SelmError
 from selm_data.schema import SNAPSHOTS, row_id
-from selm_data.snapshot import LAYOUTS, Layout, files_hash
-from selm_data.store import MARKER, Store, open_store
+from selm_data.snapshot import LAYOUTS, Layout, files_hash, snapshot_names, snapshot_row
+from selm_data.store import MARKER, open_store
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -92,7 +91,7 @@ def resolve_snapshot(ref: str) -> SnapshotRef:
         return _from_store(store_part, name)
     if (path / MARKER).is_file():
         raise SelmError(f"{ref} is a selm store, not a snapshot: name one in it as {ref}@NAME "
-                        f"(known: {_names(open_store(path))})")
+                        f"(known: {snapshot_names(open_store(path))})")
     if path.is_dir():
         raise SelmError(f"{ref} has no snapshot.json, so it is not a snapshot folder; give the "
                         "folder `selm-data export` printed, or STORE@NAME")
@@ -102,24 +101,13 @@ def resolve_snapshot(ref: str) -> SnapshotRef:
 
 def _from_store(store_path: str, name: str) -> SnapshotRef:
     store = open_store(store_path)
-    rows = store.scan("snapshots").filter(pl.col("name") == name).collect()
-    if rows.height == 0:
-        raise SelmError(f"store {store.root} has no snapshot named {name!r}; known: "
-                        f"{_names(store)}. Export one with `selm-data export --iter N`")
-    row = rows.row(0, named=True)
+    row = snapshot_row(store, name)
     folder = store.root / row["path"]  # relative to the store root, so stores can move
     if not (folder / "snapshot.json").is_file():
         raise SelmError(f"snapshot {name!r} is registered in {store.root} but {folder} has no "
                         "snapshot.json: run `selm-data verify`, then export it again under a "
                         "new name")
     return _verified(folder, store=store.root, row=row)
-
-
-def _names(store: Store) -> str:
-    names = sorted(store.scan("snapshots").select("name").collect()["name"].to_list())
-    if not names:
-        return "none yet"
-    return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 def _verified(folder: Path, *, store: Path | None, row: dict[str, Any] | None) -> SnapshotRef:

@@ -380,7 +380,7 @@ def test_unknown_source_license_is_unknown_and_said_so(tmp_path):
 
 
 def test_unknown_or_modified_snapshot_is_refused(built):
-    with pytest.raises(SelmError, match=r"no snapshot 'nope'.*snapshots: iter2"):
+    with pytest.raises(SelmError, match=r"no snapshot named 'nope'; known: iter2"):
         repo_files(built, "nope")
     shard = built.root / "exports" / "iter2" / SHARDS[0]
     shard.chmod(0o644)
