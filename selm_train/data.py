@@ -5,6 +5,7 @@ chosen, rejected and y_ref go through the model in one forward pass.
     read_examples(ref)                        -> [PreferenceExample]  (both layouts, one shape)
     tokenize(examples, tokenizer)             -> [TokenizedExample]   (ids, truncated)
     collate(batch, pad_token_id, ...)         -> Batch  rows [chosen.., rejected.., y_ref..]
+                                                         (a response equal to another: one row)
 
 Tokenisation (as TRL's DPOTrainer does for conversational data): the prompt is the chat
 template of the prompt turns with the generation prompt (the assistant header), and a response
@@ -315,27 +316,26 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 @dataclass(frozen=True)
 class Batch:
-    """Rows [chosen_0..chosen_{B-1}, rejected_0.., y_ref_0..] (y_ref only `with_reference`),
-    right-padded, for one forward pass; `pair_ids[i]` is the pair of column i of each block, so
-    cached reference log-probs can be looked up."""
+    """Right-padded (prompt + response) rows for one forward pass, and where each example's
+    responses are: `slots[k][i]` is the row of response k (chosen, rejected[, y_ref]) of
+    example i, `pair_ids[i]` its pair (to look up cached reference log-probs).
 
-    input_ids: Tensor  # (k*B, T) long
-    attention_mask: Tensor  # (k*B, T) long, 1 on real tokens
-    loss_mask: Tensor  # (k*B, T) long, 1 exactly on response tokens
+    A response equal to another of its example (token for token, e.g. y_ref that became the
+    chosen or rejected answer, as it does whenever the ranker put the new response first or
+    last) has no row of its own: it points at the row it equals, so the model runs it once and
+    its log-prob (and gradient) is the same number."""
+
+    input_ids: Tensor  # (rows, T) long
+    attention_mask: Tensor  # (rows, T) long, 1 on real tokens
+    loss_mask: Tensor  # (rows, T) long, 1 exactly on response tokens
     pair_ids: tuple[str, ...]  # (B,)
-    with_reference: bool
-
-    @property
-    def blocks(self) -> int:
-        """k: 3 with y_ref, else 2."""
-        return 3 if self.with_reference else 2
+    slots: tuple[tuple[int, ...], ...]  # (k, B): row of response k of example i
 
     def split(self, values: Tensor) -> tuple[Tensor, ...]:
-        """Per-row values (k*B, ...) -> (chosen, rejected[, y_ref]), each (B, ...)."""
-        if values.shape[0] != self.blocks * len(self.pair_ids):
-            raise ValueError(f"expected {self.blocks * len(self.pair_ids)} rows, got "
-                             f"{values.shape[0]}")
-        return tuple(values.split(len(self.pair_ids)))
+        """Per-row values (rows, ...) -> (chosen, rejected[, y_ref]), each (B, ...)."""
+        if values.shape[0] != self.input_ids.shape[0]:
+            raise ValueError(f"expected {self.input_ids.shape[0]} rows, got {values.shape[0]}")
+        return tuple(values[torch.tensor(slot, device=values.device)] for slot in self.slots)
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, input_ids=self.input_ids.to(device),
@@ -345,7 +345,8 @@ class Batch:
 
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int, *,
             with_reference: bool) -> Batch:
-    """Stack chosen, rejected (and y_ref) sequences of `batch` into one right-padded batch.
+    """Stack chosen, rejected (and y_ref) sequences of `batch` into one right-padded batch:
+    the chosen rows, the rejected rows, then the y_ref rows that equal neither.
 
     Right padding leaves every real token's logits as without padding under a causal mask.
 
@@ -363,7 +364,18 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int, *,
                 "own answers. Train it with loss dpo or ipo, or build the iteration with "
                 "generation to get y_ref")
     blocks = ["chosen_ids", "rejected_ids"] + (["ref_ids"] if with_reference else [])
-    rows = [(ex.prompt_ids, getattr(ex, block)) for block in blocks for ex in batch]
+    rows: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    where: dict[tuple[int, tuple[int, ...]], int] = {}  # (example, response) -> row
+    slots = []
+    for block in blocks:
+        slot = []
+        for i, ex in enumerate(batch):
+            response = getattr(ex, block)
+            if (i, response) not in where:
+                where[i, response] = len(rows)
+                rows.append((ex.prompt_ids, response))
+            slot.append(where[i, response])
+        slots.append(tuple(slot))
     width = max(len(p) + len(r) for p, r in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -374,4 +386,4 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int, *,
         attention_mask[i, :total] = 1
         loss_mask[i, n:total] = 1
     return Batch(input_ids, attention_mask, loss_mask, tuple(ex.pair_id for ex in batch),
-                 with_reference)
+                 tuple(slots))

@@ -217,7 +217,7 @@ def reference_logps(model: Any, examples: Sequence[TokenizedExample], snap: Snap
     }).encode()).hexdigest()[:24]
     path = snap.folder / REFERENCE_DIR / f"{key}.parquet"
     if dist.rank == 0 and not path.is_file():
-        values = _compute_reference(model, examples, pad, with_ref, spec.micro_batch_size * 4)
+        values = _compute_reference(model, examples, pad, with_ref, spec.micro_batch_size * 2)
         path.parent.mkdir(exist_ok=True)
         staging = path.with_suffix(f".{dist.rank}.tmp")
         pl.DataFrame([{"pair_id": k, "logps": list(v)} for k, v in values.items()]).write_parquet(

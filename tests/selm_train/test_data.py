@@ -301,12 +301,17 @@ def test_collate_stacks_blocks_right_padded_with_response_masks(snapshots, token
     pad = tokenizer.pad_token_id
     out = collate(batch, pad, with_reference=with_reference)
     blocks = ["chosen_ids", "rejected_ids"] + (["ref_ids"] if with_reference else [])
-    expected = [(ex.prompt_ids, getattr(ex, b)) for b in blocks for ex in batch]
-    width = max(len(p) + len(r) for p, r in expected)
+    # rows in order of first appearance, one per distinct response of an example
+    expected: list[tuple] = []
+    for b in blocks:
+        for i, ex in enumerate(batch):
+            if (i, ex.prompt_ids, getattr(ex, b)) not in expected:
+                expected.append((i, ex.prompt_ids, getattr(ex, b)))
+    width = max(len(p) + len(r) for _, p, r in expected)
     assert out.input_ids.shape == out.attention_mask.shape == out.loss_mask.shape == (
-        len(blocks) * len(batch), width)
-    assert out.pair_ids == tuple(ex.pair_id for ex in batch) and out.blocks == len(blocks)
-    for i, (prompt, response) in enumerate(expected):
+        len(expected), width)
+    assert out.pair_ids == tuple(ex.pair_id for ex in batch) and len(out.slots) == len(blocks)
+    for i, (_, prompt, response) in enumerate(expected):
         n = len(prompt) + len(response)
         assert out.input_ids[i].tolist() == list(prompt + response) + [pad] * (width - n)
         assert out.attention_mask[i].tolist() == [1] * n + [0] * (width - n)
@@ -315,6 +320,22 @@ def test_collate_stacks_blocks_right_padded_with_response_masks(snapshots, token
     lengths = out.loss_mask.sum(-1)
     for b, part in zip(blocks, out.split(lengths), strict=True):
         assert part.tolist() == [len(getattr(ex, b)) for ex in batch]
+    rows = out.split(torch.arange(len(expected)))
+    for b, part in zip(blocks, rows, strict=True):
+        for i, (ex, row) in enumerate(zip(batch, part.tolist(), strict=True)):
+            assert expected[row] == (i, ex.prompt_ids, getattr(ex, b))
+
+
+def test_collate_runs_a_y_ref_equal_to_chosen_or_rejected_once():
+    """y_ref that became the chosen (or rejected) answer shares that row; a y_ref equal to
+    another example's answer does not (different prompt, different sequence)."""
+    same_chosen = TokenizedExample("a", (1, 2), (3, 4), (5,), (3, 4), False)
+    same_rejected = TokenizedExample("b", (1, 2), (6,), (7, 8), (7, 8), False)
+    own = TokenizedExample("c", (9,), (3, 4), (5,), (7, 8), False)
+    out = collate([same_chosen, same_rejected, own], 0, with_reference=True)
+    assert out.input_ids.shape[0] == 7  # 3 chosen + 3 rejected + 1 y_ref
+    assert out.slots == ((0, 1, 2), (3, 4, 5), (0, 4, 6))
+    assert out.input_ids[6].tolist()[:3] == [9, 7, 8]
 
 
 def test_collate_refuses_pairs_without_y_ref_when_it_is_needed(snapshots, tokenizer):
