@@ -8,6 +8,7 @@ train ...` or under the `deepspeed` launcher alike.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -83,9 +84,6 @@ def train_cmd(
         help="Register the checkpoint in the snapshot's store.")] = True,
     json_log: Annotated[bool, typer.Option(
         "--json-log", help="Print each step's metrics as one JSON line.")] = False,
-    local_rank: Annotated[int | None, typer.Option(
-        "--local_rank", "--local-rank", hidden=True,
-        help="Set by the deepspeed launcher; LOCAL_RANK is read from the environment.")] = None,
 ) -> None:
     """Train on a snapshot with the manifest's loss (dpo, ipo or selm); write and register a
     checkpoint that records the snapshot."""
@@ -150,11 +148,32 @@ def loop_cmd(
 
 
 def main() -> None:
+    sys.argv[1:] = _without_local_rank(sys.argv[1:])
     try:
         app()
     except SelmError as e:
         Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(2)
+
+
+def _without_local_rank(args: list[str]) -> list[str]:
+    """The `deepspeed` launcher passes `--local_rank=N` before the subcommand, where no option
+    of ours can take it; the same number is in LOCAL_RANK, which init_distributed reads."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in ("--local_rank", "--local-rank"):
+            if "=" not in arg:
+                skip = True
+                value = args[i + 1] if i + 1 < len(args) else ""
+            else:
+                value = arg.split("=", 1)[1]
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":  # python -m selm_train.cli (torchrun -m needs a module)

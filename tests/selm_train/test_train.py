@@ -1,4 +1,5 @@
-"""selm-train end to end on a tiny model: one process, two under torchrun, the checkpoint."""
+"""selm-train end to end on a tiny model: one process, two under torchrun or deepspeed, the
+checkpoint."""
 
 from __future__ import annotations
 
@@ -65,17 +66,24 @@ def test_one_process_trains_saves_and_registers(snapshot, store, tiny_lm, tmp_pa
     assert store.scan("checkpoints").select(pl.len()).collect().item() == 1
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_processes_under_torchrun_equal_one(snapshot, tiny_lm, tmp_path, stage):
-    """The same global batches, split over two processes, give the same losses."""
+@pytest.mark.parametrize(("launcher", "stage"), [("torchrun", 2), ("torchrun", 3),
+                                               ("deepspeed", 2)])
+def test_two_processes_equal_one(snapshot, tiny_lm, tmp_path, launcher, stage):
+    """The same global batches, split over two processes (under torchrun, or the deepspeed
+    launcher, which passes --local_rank before the subcommand), give the same losses."""
     def run(nproc: int, out: Path) -> list[dict]:
         manifest = tmp_path / f"m{nproc}.yaml"
         manifest.write_text(json.dumps({
             "name": "t", "store": snapshot.split("@")[0], "source": {"path": "x.jsonl"},
             "policy": {"model": str(tiny_lm)}, "iterations": 1,
             "train": {**SPEC.model_dump(), "zero_stage": stage}}))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--standalone", "-m", "selm_train.cli", "train", "--snapshot", snapshot,
+        if launcher == "torchrun" or nproc == 1:
+            start = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                     "--standalone", "-m"]
+        else:
+            start = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
+                     f"--master_port={_free_port()}", "--module"]
+        cmd = [*start, "selm_train.cli", "train", "--snapshot", snapshot,
                "--manifest", str(manifest), "--policy", str(tiny_lm), "--output", str(out),
                "--no-register", "--json-log"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
@@ -92,6 +100,14 @@ def test_two_processes_under_torchrun_equal_one(snapshot, tiny_lm, tmp_path, sta
     w2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_forward_keeps_only_the_logits_it_needs(tiny_lm):
