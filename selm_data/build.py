@@ -5,6 +5,12 @@ SELM's Algorithm 1, one iteration, as data:
     source -> prompts (portion N, this shard) -> responses (y_ref from the policy; y_w, y_l from
     the dataset) -> judgments (the ranker's scores of the three) -> pairs (the rule's choice)
 
+With `pairing.rule: sail` (SAIL, Ding et al. 2024) the policy gives two seeded samples y_0, y_1
+instead of y_ref; one ranking scores (y_0, y_1, y_w, y_l), and each prompt gets two pairs of
+that ranking: `sail_dataset` (y_w over y_l, as the dataset labelled them) and `sail_policy` (the
+better sample over the worse; y_0 wins a tie). A prompt whose samples are not both generated
+and scored gets neither pair, so every prompt of a SAIL iteration has both or none.
+
 Work goes in chunks of `commit_every` prompts (the backends batch inside a chunk), each
 committed before the next, so a killed build loses at most one chunk. Chunks are large (256 by
 default) because each Delta commit costs more as a table gathers files: at 32 prompts a chunk,
@@ -32,7 +38,7 @@ from selm_data.errors import SelmError
 from selm_data.generate import GenerationRequest, Generator, make_generator, requests_for
 from selm_data.manifest import Manifest
 from selm_data.models import ResolvedModel, resolve_policy
-from selm_data.pairing import Candidate, make_pair, ranks
+from selm_data.pairing import POLICY_SAMPLES, Candidate, make_pairs, ranks
 from selm_data.portions import assign_portions
 from selm_data.rank import Ranker, RankRequest, make_ranker
 from selm_data.schema import PROMPTS, RESPONSES, content_id, row_id
@@ -80,10 +86,12 @@ class BuildReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, reason)
     ranked: int = 0
     unranked: list[tuple[str, str]] = field(default_factory=list)  # (prompt_id, reason)
-    pairs: int = 0
+    pairs: int = 0  # training pairs: all but SAIL's policy pairs
     ties: int = 0
     dropped_ties: int = 0
     ref_won: int = 0  # pairs whose chosen response is the policy's own
+    policy_pairs: int = 0  # SAIL's policy pairs (rule sail), one per prompt beside its pair
+    policy_ties: int = 0
 
 
 def build(
@@ -289,59 +297,71 @@ def _generate(store: Store, generator: Generator, todo: Sequence[GenerationReque
 def _rank_and_pair(store: Store, manifest: Manifest, batch: list, iteration: int,
                    model: ResolvedModel, ranker: Ranker, done: _Done,
                    report: BuildReport) -> None:
-    """Rank (y_ref, y_w, y_l) of each prompt whose y_ref exists, then pair by the rule."""
+    """Rank the policy's samples with the dataset's pair, (y_ref, y_w, y_l) or for SAIL
+    (y_0, y_1, y_w, y_l), of each prompt whose samples all exist; then pair by the rule."""
+    rule = manifest.pairing.rule
+    k = POLICY_SAMPLES[rule]  # samples 0..k-1; with generation.n > k the rest are unused
+    names = ("y_ref",) if k == 1 else tuple(f"y_{i}" for i in range(k))
+    names = (*names, "y_w", "y_l")
     items = []
     for pid, ex in batch:
-        request = requests_for(manifest.generation, [(pid, ex.messages)])[0]  # sample 0: y_ref
-        ref = _response_id(request, model, "ok")
-        if ref not in done.texts:
+        requests = requests_for(manifest.generation, [(pid, ex.messages)])[:k]
+        samples = [_response_id(r, model, "ok") for r in requests]
+        if any(s not in done.texts for s in samples):
             continue  # generation failed: recorded, reported, not ranked
-        ids = [ref, *_dataset_ids(pid, ex, iteration)]
+        ids = [*samples, *_dataset_ids(pid, ex, iteration)]
         ranking = content_id("ranking", {"prompt_id": pid, "ranker": ranker.name,
                                          "version": ranker.version, "candidates": ids})
-        items.append((pid, ex, ids, ranking, done.texts[ref]))
+        texts = [*(done.texts[s] for s in samples), ex.chosen, ex.rejected]
+        items.append((pid, ex, ids, ranking, texts))
     if not items:
         return
     report.already_paired += sum(1 for *_, ranking, _ in items if ranking in done.pairs)
     new = [it for it in items if it[3] not in done.rankings]
     if new:
-        scores = ranker.score([RankRequest(ex.messages, [text, ex.chosen, ex.rejected])
-                               for _, ex, _, _, text in new])
+        scores = ranker.score([RankRequest(ex.messages, texts) for _, ex, _, _, texts in new])
         judgments = []
         for (pid, _, ids, ranking, _), row in zip(new, scores, strict=True):
             unscored = [pos for pos, score in enumerate(row) if not math.isfinite(score)]
             if unscored:  # not stored: a later run asks the ranker again
                 report.unranked.append((pid, f"{ranker.name} gave no score to candidate(s) "
-                                             f"{unscored} of (y_ref, y_w, y_l)"))
+                                             f"{unscored} of ({', '.join(names)})"))
                 continue
             done.rankings[ranking] = row
             for pos, (rid, score, rank) in enumerate(zip(ids, row, ranks(row), strict=True)):
-                judgments.append(_judgment(ranking, pid, iteration, rid, pos, 3, score, rank,
-                                           ranker.name, ranker.version))
+                judgments.append(_judgment(ranking, pid, iteration, rid, pos, len(ids), score,
+                                           rank, ranker.name, ranker.version))
+            report.ranked += 1
         store.append("judgments", judgments)
-        report.ranked += len(judgments) // 3
     pairs = []
-    origins = ("policy", "dataset_chosen", "dataset_rejected")
+    origins = ("policy",) * k + ("dataset_chosen", "dataset_rejected")
     for pid, _, ids, ranking, _ in items:
         if ranking not in done.rankings:
             continue  # unranked: reported above
         candidates = [Candidate(i, o, s) for i, o, s in
                       zip(ids, origins, done.rankings[ranking], strict=True)]
-        pair = make_pair(manifest.pairing.rule, candidates, manifest.pairing.ties)
-        if pair is None:
+        made = make_pairs(rule, candidates, manifest.pairing.ties)
+        if not made:  # a SELM rule's one pair, a tie, and ties drop (sail keeps ties)
             report.dropped_ties += 1
             continue
-        report.pairs += 1
-        report.ties += pair.is_tie
-        report.ref_won += pair.chosen.origin == "policy"
-        pairs.append({
-            "prompt_id": pid, "iteration": iteration, "ranking_id": ranking, "rule": pair.rule,
-            "chosen_id": pair.chosen.response_id, "rejected_id": pair.rejected.response_id,
-            "ref_id": ids[0], "chosen_score": pair.chosen.score,
-            "rejected_score": pair.rejected.score, "margin": pair.margin,
-            "is_tie": pair.is_tie, "chosen_origin": pair.chosen.origin,
-            "rejected_origin": pair.rejected.origin,
-        })
+        for pair in made:
+            if pair.rule == "sail_policy":
+                report.policy_pairs += 1
+                report.policy_ties += pair.is_tie
+            else:
+                report.pairs += 1
+                report.ties += pair.is_tie
+                report.ref_won += pair.chosen.origin == "policy"
+            pairs.append({
+                "prompt_id": pid, "iteration": iteration, "ranking_id": ranking,
+                "rule": pair.rule, "chosen_id": pair.chosen.response_id,
+                "rejected_id": pair.rejected.response_id,
+                # y_ref for SELM's term; SAIL has none (its samples are the policy pair's)
+                "ref_id": ids[0] if k == 1 else None, "chosen_score": pair.chosen.score,
+                "rejected_score": pair.rejected.score, "margin": pair.margin,
+                "is_tie": pair.is_tie, "chosen_origin": pair.chosen.origin,
+                "rejected_origin": pair.rejected.origin,
+            })
         done.pairs.add(ranking)
     if pairs:
         store.append("pairs", pairs)

@@ -21,7 +21,7 @@ from selm_data.build import BuildReport, Shard, build
 from selm_data.errors import SelmError
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
 from selm_data.schema import TABLES
-from selm_data.snapshot import Filters, export
+from selm_data.snapshot import POLICY_RULE, Filters, export
 from selm_data.sources import LAYOUTS, load_source
 from selm_data.store import RunInfo, Store, open_store
 from selm_data.verify import verify
@@ -220,7 +220,8 @@ def export_cmd(
     snap = export(s, iteration, name=name, filters=Filters(drop_ties, min_margin),
                   layout=layout)  # type: ignore[arg-type]  # export checks it
     verb = "exported" if snap.created else "unchanged: already exported as"
-    console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs, content hash "
+    policy = " (each with SAIL's policy pair)" if snap.policy_pair else ""
+    console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs{policy}, content hash "
                   f"{snap.content_hash[:12]}, {snap.path}", highlight=False, soft_wrap=True)
     data = snap.path / "data" / "*.parquet"
     console.print(f'load it: datasets.load_dataset("parquet", data_files="{data}", '
@@ -354,6 +355,8 @@ def _print_report(s: Store, report: BuildReport) -> None:
         ("rankings", report.ranked), ("unranked (rerun to retry)", len(report.unranked)),
         ("pairs", report.pairs), ("ties", report.ties),
         ("ties dropped", report.dropped_ties), ("y_ref chosen", report.ref_won),
+        *((("SAIL policy pairs", report.policy_pairs), ("policy pair ties", report.policy_ties))
+          if report.policy_pairs else ()),
     ):
         table.add_row(label, str(value))
     console.print(table)
@@ -370,8 +373,10 @@ def _print_report(s: Store, report: BuildReport) -> None:
 
 
 def _print_examples(s: Store, iteration: int, k: int = 2) -> None:
-    """Margins of the iteration's pairs and `k` example pairs, text shortened."""
-    pairs = s.scan("pairs").filter(pl.col("iteration") == iteration)
+    """Margins of the iteration's pairs and `k` example pairs, text shortened (SAIL's policy
+    pairs are counted in the report, not here)."""
+    pairs = s.scan("pairs").filter((pl.col("iteration") == iteration)
+                                   & (pl.col("rule") != POLICY_RULE))
     stats = pairs.select(
         pl.len().alias("n"), pl.col("margin").mean().alias("mean"),
         pl.col("margin").min().alias("min"), pl.col("margin").max().alias("max"),

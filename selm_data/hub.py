@@ -42,13 +42,14 @@ import yaml
 
 from selm_data.errors import SelmError
 from selm_data.manifest import BUNDLED_DATA
-from selm_data.snapshot import check_snapshot, snapshot_row
+from selm_data.snapshot import POLICY_RULE, check_snapshot, snapshot_row
 from selm_data.store import Store, package_version
 
 LINEAGE_FILE = "selm_lineage.json"
 CARD_FILE = "README.md"
 LINEAGE_FORMAT = 1
 SELM_PAPER = "https://arxiv.org/abs/2405.19332"
+SAIL_PAPER = "https://arxiv.org/abs/2406.15567"
 
 # Licenses of the sources selm knows; any other source's license is "unknown" unless given.
 # The bundled file is a slice of UltraFeedback (see selm_data/data/README.md).
@@ -98,7 +99,40 @@ COLUMNS = {
     "chosen_id": "the chosen response's id in the store",
     "rejected_id": "the rejected response's id in the store",
     "ref_id": "y_ref's id in the store",
+    # SAIL's policy pair (pairing rule `sail`): two seeded samples y_0, y_1 of the policy
+    "policy_chosen": "the conversation ending in the policy sample the ranker scored higher "
+                     "(y_0 on a tie); the same message format as `chosen`",
+    "policy_rejected": "the conversation ending in the other policy sample",
+    "score_policy_chosen": "the ranker's score of `policy_chosen`",
+    "score_policy_rejected": "the ranker's score of `policy_rejected`",
+    "policy_is_tie": "the ranker scored both samples equal (the order is then y_0, y_1)",
+    "policy_swapped": "true when `policy_chosen` is sample y_1: swap the two back to get the "
+                      "samples in their drawn order (y_0, y_1), unordered by the ranker",
+    "policy_pair_id": "the policy pair's id in the store",
+    "policy_chosen_id": "`policy_chosen`'s response id in the store",
+    "policy_rejected_id": "`policy_rejected`'s response id in the store",
 }
+# What the shared columns mean in a SAIL snapshot, where they differ from COLUMNS.
+SAIL_COLUMNS = {
+    "reference": "null: SAIL has no y_ref (SELM's term)",
+    "score_reference": "null",
+    "ref_id": "null",
+    "iteration": "the iteration",
+    "rule": "`sail_dataset`: the row's pair is the dataset's (its policy pair is `sail_policy`)",
+    "chosen_origin": "dataset_chosen: the dataset's chosen response",
+    "rejected_origin": "dataset_rejected: the dataset's rejected response",
+    "margin": "score_chosen - score_rejected: negative where the ranker disagrees with the "
+              "dataset's label",
+}
+POLICY_IDS = ("policy_pair_id", "policy_chosen_id", "policy_rejected_id")
+# Which columns each route of SAIL's trainer reads (Ding et al. 2024; design.md section 2).
+SAIL_ROUTES = (
+    ("DPO", "`chosen`, `rejected`: the dataset's pair"),
+    ("SAIL-DP", "`chosen`, `rejected`; the trainer relabels by the policy's own preference"),
+    ("SAIL-PP", "`policy_chosen`, `policy_rejected` with `policy_swapped` undone (y_0, y_1); "
+                "the trainer orders them by the policy's own preference"),
+    ("SAIL-PR", "`policy_chosen`, `policy_rejected`: ordered by the ranker"),
+)
 
 
 # --- lineage ----------------------------------------------------------------------------------
@@ -170,6 +204,16 @@ class Statistics:
 
 
 @dataclass(frozen=True)
+class PolicyPairStatistics:
+    """SAIL's policy pairs of a snapshot (rows whose policy pair is present)."""
+
+    rows: int
+    ties: int  # the ranker scored the two samples equal
+    swapped: int  # the ranker preferred y_1 to y_0
+    margin: dict[str, float | None]  # as Statistics.margin, of the ranker's order
+
+
+@dataclass(frozen=True)
 class Lineage:
     """Everything the card states, as `selm_lineage.json` holds it."""
 
@@ -190,6 +234,7 @@ class Lineage:
     runs: list[RunUse]
     manifests: list[ManifestUse]
     statistics: Statistics
+    policy_pair: PolicyPairStatistics | None  # None: no SAIL policy pair in the snapshot
     license: str
     exported_with: str  # selm version that wrote the snapshot
     card_by: str  # selm version that wrote the card
@@ -214,9 +259,12 @@ def snapshot_lineage(store: Store, name: str, *, license: str | None = None) -> 
     folder = store.root / row["path"]
     meta = json.loads((folder / "snapshot.json").read_text(encoding="utf-8"))
     versions = {v["table"]: v["version"] for v in row["table_versions"]}
+    policy_pair = bool(meta.get("policy_pair", False))
     pairs = pl.scan_parquet([str(folder / f) for f in meta["files"]]).select(
         "pair_id", "prompt_id", "ranking_id", "chosen_id", "rejected_id", "ref_id", "rule",
         "margin", "is_tie", "chosen_origin", "rejected_origin",
+        *((*POLICY_IDS, "score_policy_chosen", "score_policy_rejected", "policy_is_tie",
+           "policy_swapped") if policy_pair else ()),
     ).collect()
 
     def scan(table: str) -> pl.LazyFrame:
@@ -237,7 +285,8 @@ def snapshot_lineage(store: Store, name: str, *, license: str | None = None) -> 
         columns=list(meta.get("columns", [])),
         table_versions=versions,
         filters=json.loads(row["filters"] or "{}"),
-        rules=sorted(pairs["rule"].unique().to_list()),
+        rules=sorted({*pairs["rule"].unique().to_list(),
+                      *([POLICY_RULE] if policy_pair else [])}),
         sources=sources,
         policies=_policies(scan("responses"), pairs),
         rankers=_rankers(scan("judgments"), pairs),
@@ -245,6 +294,7 @@ def snapshot_lineage(store: Store, name: str, *, license: str | None = None) -> 
         runs=runs,
         manifests=manifests,
         statistics=_statistics(pairs),
+        policy_pair=_policy_statistics(pairs) if policy_pair else None,
         license=license or (inherited.pop() if len(inherited) == 1 else "unknown"),
         exported_with=str(meta.get("selm_version", "unknown")),
         card_by=package_version(),
@@ -281,8 +331,15 @@ def _sources(prompts: pl.LazyFrame, pairs: pl.DataFrame) -> list[SourceUse]:
     return out
 
 
+def _response_ids(pairs: pl.DataFrame) -> pl.Series:
+    """Every response a snapshot's rows name: the pair's, y_ref, and SAIL's two samples."""
+    columns = [c for c in ("ref_id", "chosen_id", "rejected_id", *POLICY_IDS[1:])
+               if c in pairs.columns]
+    return pl.concat([pairs[c] for c in columns]).drop_nulls().unique()
+
+
 def _policies(responses: pl.LazyFrame, pairs: pl.DataFrame) -> list[PolicyUse]:
-    ids = pl.concat([pairs["ref_id"], pairs["chosen_id"], pairs["rejected_id"]]).drop_nulls()
+    ids = _response_ids(pairs)
     sampling = pl.col("sampling").struct
     used = (
         responses.filter(pl.col("response_id").is_in(ids.unique().implode())
@@ -316,10 +373,12 @@ def _rankers(judgments: pl.LazyFrame, pairs: pl.DataFrame) -> list[RankerUse]:
 
 def _run_ids(scan: Any, pairs: pl.DataFrame) -> set[str]:
     """Runs that wrote the snapshot's pairs, their responses, rankings and prompts."""
-    responses = pl.concat([pairs["ref_id"], pairs["chosen_id"], pairs["rejected_id"]])
+    pair_ids = pairs["pair_id"]
+    if "policy_pair_id" in pairs.columns:
+        pair_ids = pl.concat([pair_ids, pairs["policy_pair_id"].drop_nulls()])
     wanted = {
-        "pairs": ("pair_id", pairs["pair_id"]),
-        "responses": ("response_id", responses.drop_nulls().unique()),
+        "pairs": ("pair_id", pair_ids),
+        "responses": ("response_id", _response_ids(pairs)),
         "judgments": ("ranking_id", pairs["ranking_id"].unique()),
         "prompts": ("prompt_id", pairs["prompt_id"].unique()),
     }
@@ -349,12 +408,29 @@ def _runs(store: Store, run_ids: set[str]) -> tuple[list[RunUse], list[ManifestU
     return runs, list(manifests.values())
 
 
-def _statistics(pairs: pl.DataFrame) -> Statistics:
-    margin = pairs["margin"].drop_nulls()
+def _margin(values: pl.Series) -> dict[str, float | None]:
+    """min, p25, median, p75, max, mean (linear interpolation); None where there is none."""
+    margin = values.drop_nulls()
 
     def q(p: float) -> float | None:
         return margin.quantile(p, interpolation="linear") if margin.len() else None
 
+    return {"min": margin.min() if margin.len() else None, "p25": q(0.25),
+            "median": q(0.5), "p75": q(0.75), "max": margin.max() if margin.len() else None,
+            "mean": margin.mean() if margin.len() else None}
+
+
+def _policy_statistics(pairs: pl.DataFrame) -> PolicyPairStatistics:
+    present = pairs.filter(pl.col("policy_pair_id").is_not_null())
+    return PolicyPairStatistics(
+        rows=present.height,
+        ties=int(present["policy_is_tie"].sum()),
+        swapped=int(present["policy_swapped"].sum()),
+        margin=_margin(present["score_policy_chosen"] - present["score_policy_rejected"]),
+    )
+
+
+def _statistics(pairs: pl.DataFrame) -> Statistics:
     def counts(column: str) -> dict[str, int]:
         c = pairs[column].fill_null("unknown").value_counts(sort=True, name="n")
         return dict(sorted(zip(c[column].to_list(), c["n"].to_list(), strict=True)))
@@ -363,9 +439,7 @@ def _statistics(pairs: pl.DataFrame) -> Statistics:
         rows=pairs.height,
         prompts=pairs["prompt_id"].n_unique(),
         ties=int(pairs["is_tie"].sum()),
-        margin={"min": margin.min() if margin.len() else None, "p25": q(0.25),
-                "median": q(0.5), "p75": q(0.75), "max": margin.max() if margin.len() else None,
-                "mean": margin.mean() if margin.len() else None},
+        margin=_margin(pairs["margin"]),
         ref_chosen=int((pairs["chosen_origin"] == "policy").sum()),
         ref_rejected=int((pairs["rejected_origin"] == "policy").sum()),
         chosen_origins=counts("chosen_origin"),
@@ -411,12 +485,14 @@ def size_category(rows: int) -> str:
 
 def card_metadata(lineage: Lineage) -> dict[str, Any]:
     """The card's YAML front matter: what the Hub and `datasets` read."""
+    sail = lineage.policy_pair is not None
     return {
-        "pretty_name": f"SELM iteration {lineage.iteration} preference pairs "
-                       f"({lineage.snapshot})",
+        "pretty_name": f"{'SAIL' if sail else 'SELM'} iteration {lineage.iteration} "
+                       f"preference pairs ({lineage.snapshot})",
         "license": lineage.license,
         "task_categories": ["text-generation"],
-        "tags": ["preference", "dpo", "selm", "iterative-alignment", "synthetic"],
+        "tags": ["preference", "dpo", "sail" if sail else "selm", "iterative-alignment",
+                 "synthetic"],
         "size_categories": [size_category(lineage.statistics.rows)],
         "configs": [{"config_name": "default",
                      "data_files": [{"split": "train", "path": "data/train-*"}]}],
@@ -444,32 +520,38 @@ def render_card(lineage: Lineage, *, repo_id: str | None = None) -> str:
     meta = yaml.safe_dump(card_metadata(lineage), sort_keys=False, allow_unicode=True)
     sources = ", ".join(f"`{u.source}`" for u in lineage.sources) or "—"
     load_id = repo_id or "ORG/NAME"
+    sail = lineage.policy_pair is not None
+    meanings = {**COLUMNS, **SAIL_COLUMNS} if sail else COLUMNS
+    y_ref_rows = [] if sail else [
+        ("y_ref chosen", f"{s.ref_chosen} ({_share(s.ref_chosen, s.rows)})"),
+        ("y_ref rejected", f"{s.ref_rejected} ({_share(s.ref_rejected, s.rows)})")]
     parts = [
         f"---\n{meta}---\n",
-        f"# SELM iteration {lineage.iteration} preference pairs: `{lineage.snapshot}`\n",
-        f"{s.rows} preference pairs for iteration {lineage.iteration} of SELM "
-        f"([Self-Exploring Language Models]({SELM_PAPER}), Zhang et al. 2024), built with "
-        f"[selm](https://pypi.org/project/selm/) from {sources}. For each prompt the policy "
-        "answered (y_ref), a ranker scored {y_ref, the dataset's chosen, the dataset's "
-        "rejected}, and a pairing rule kept a chosen and a rejected response. The `reference` "
-        "column keeps y_ref for SELM's optimism term.\n",
+        *(_sail_intro(lineage, sources) if sail else [
+            f"# SELM iteration {lineage.iteration} preference pairs: `{lineage.snapshot}`\n",
+            f"{s.rows} preference pairs for iteration {lineage.iteration} of SELM "
+            f"([Self-Exploring Language Models]({SELM_PAPER}), Zhang et al. 2024), built with "
+            f"[selm](https://pypi.org/project/selm/) from {sources}. For each prompt the policy "
+            "answered (y_ref), a ranker scored {y_ref, the dataset's chosen, the dataset's "
+            "rejected}, and a pairing rule kept a chosen and a rejected response. The "
+            "`reference` column keeps y_ref for SELM's optimism term.\n"]),
         "```python\nfrom datasets import load_dataset\n\n"
         f'pairs = load_dataset("{load_id}", split="train")\n```\n',
         "## Columns\n",
-        _table(["column", "meaning"],
-               [(f"`{c}`", COLUMNS.get(c, "")) for c in lineage.columns]) + "\n",
+        _table(["column", "meaning"], [(f"`{c}`", meanings.get(c, "")) for c in lineage.columns])
+        + "\n",
         "## How it was made\n",
         *_made(lineage),
         "## Statistics\n",
         _table(["", "value"], [
             ("pairs", s.rows), ("prompts", s.prompts), ("ties (`is_tie`)", s.ties),
-            ("y_ref chosen", f"{s.ref_chosen} ({_share(s.ref_chosen, s.rows)})"),
-            ("y_ref rejected", f"{s.ref_rejected} ({_share(s.ref_rejected, s.rows)})"),
+            *y_ref_rows,
             *((f"chosen from {k}", n) for k, n in s.chosen_origins.items()),
             *((f"rejected from {k}", n) for k, n in s.rejected_origins.items()),
         ]) + "\n",
         "Margin (chosen minus rejected score):\n",
         _table(list(s.margin), [[_num(v) for v in s.margin.values()]]) + "\n",
+        *_policy_statistics_section(lineage.policy_pair),
         "## Lineage\n",
         *_lineage_section(lineage),
         "## Manifest\n",
@@ -477,6 +559,7 @@ def render_card(lineage: Lineage, *, repo_id: str | None = None) -> str:
         "## License\n",
         _license_text(lineage),
         "## Citation\n",
+        *([SAIL_CITATION] if sail else []),
         "```bibtex\n@article{zhang2024selm,\n  title={Self-Exploring Language Models: Active "
         "Preference Elicitation for Online Alignment},\n  author={Zhang, Shenao and Yu, "
         "Donghan and Sharma, Hiteshi and Zhong, Han and Liu, Zhihan and Yang, Ziyi and Wang, "
@@ -486,14 +569,55 @@ def render_card(lineage: Lineage, *, repo_id: str | None = None) -> str:
     return "\n".join(parts)
 
 
+SAIL_CITATION = (
+    "```bibtex\n@article{ding2024sail,\n  title={SAIL: Self-Improving Efficient Online "
+    "Alignment of Large Language Models},\n  author={Ding, Mucong and Chakraborty, Souradip "
+    "and Agrawal, Vibhu and Che, Zora and Koppel, Alec and Wang, Mengdi and Bedi, Amrit and "
+    "Huang, Furong},\n  journal={arXiv preprint arXiv:2406.15567},\n  year={2024}\n}\n```\n")
+
+
+def _sail_intro(lineage: Lineage, sources: str) -> list[str]:
+    """What a SAIL snapshot holds, and which columns each of SAIL's routes trains on."""
+    return [
+        f"# SAIL iteration {lineage.iteration} preference pairs: `{lineage.snapshot}`\n",
+        f"{lineage.statistics.rows} prompts for iteration {lineage.iteration} of SAIL "
+        f"([Self-Improving Efficient Online Alignment]({SAIL_PAPER}), Ding et al. 2024), built "
+        f"with [selm](https://pypi.org/project/selm/) from {sources}. For each prompt the policy "
+        "drew two seeded samples y_0 and y_1, and a ranker scored {y_0, y_1, the dataset's "
+        "chosen, the dataset's rejected}. Each row holds two pairs: the dataset's pair as the "
+        "dataset labelled it (`chosen`, `rejected`; the ranker's scores beside it, so its "
+        "`margin` is negative where the ranker disagrees), and the policy pair "
+        "(`policy_chosen`, `policy_rejected`) in the ranker's order. The export filters chose "
+        "rows by the dataset pair; a tied policy pair is kept and flagged `policy_is_tie`. "
+        "One snapshot serves every route of SAIL's trainer:\n",
+        _table(["route", "reads"], SAIL_ROUTES) + "\n",
+    ]
+
+
+def _policy_statistics_section(stats: PolicyPairStatistics | None) -> list[str]:
+    if stats is None:
+        return []
+    return [
+        "SAIL's policy pairs (`policy_chosen` over `policy_rejected`):\n",
+        _table(["", "value"], [
+            ("policy pairs", stats.rows), ("ties (`policy_is_tie`)", stats.ties),
+            ("ranker preferred y_1 (`policy_swapped`)",
+             f"{stats.swapped} ({_share(stats.swapped, stats.rows)})"),
+        ]) + "\n",
+        "Policy pair margin (`score_policy_chosen - score_policy_rejected`):\n",
+        _table(list(stats.margin), [[_num(v) for v in stats.margin.values()]]) + "\n",
+    ]
+
+
 def _share(n: int, total: int) -> str:
     return f"{100 * n / total:.1f}%" if total else "—"
 
 
 def _made(lineage: Lineage) -> list[str]:
+    sail = lineage.policy_pair is not None
     policies = _table(
         ["policy", "fingerprint", "backend", "temperature", "top_p", "top_k", "max_tokens",
-         "per-request seeds", "y_ref responses"],
+         "per-request seeds", "samples (y_0, y_1)" if sail else "y_ref responses"],
         [(f"`{p.policy}`", p.fingerprint, p.backend, p.temperature, p.top_p, p.top_k,
           p.max_tokens, "yes" if p.seeded else "no", p.responses) for p in lineage.policies])
     rankers = _table(["ranker", "version", "rankings"],
@@ -503,6 +627,14 @@ def _made(lineage: Lineage) -> list[str]:
     if not lineage.rankers:
         rankers = "none recorded"
     filters = ", ".join(f"{k}={v}" for k, v in lineage.filters.items()) or "none"
+    if sail:
+        return [
+            "**Policy** (drew the samples y_0, y_1):\n", policies + "\n",
+            "**Ranker** (scored the four candidates of each prompt):\n", rankers + "\n",
+            f"**Pairing rule**: {', '.join(f'`{r}`' for r in lineage.rules)} (`sail_dataset`: "
+            "the dataset's chosen over its rejected; `sail_policy`: the higher-scored sample "
+            f"over the other, y_0 on a tie). **Export filters**: {filters}.\n",
+        ]
     return [
         "**Policy** (generated y_ref):\n", policies + "\n",
         "**Ranker** (scored the three candidates of each prompt):\n", rankers + "\n",
@@ -510,6 +642,9 @@ def _made(lineage: Lineage) -> list[str]:
         "best and worst of the three by rank, ties broken so y_ref wins; `replace`: SELM "
         f"Appendix C). **Export filters**: {filters}.\n",
     ]
+
+
+_POLICY_IDS_TEXT = ", " + ", ".join(f"`{c}`" for c in POLICY_IDS)
 
 
 def _lineage_section(lineage: Lineage) -> list[str]:
@@ -525,7 +660,8 @@ def _lineage_section(lineage: Lineage) -> list[str]:
         f"`{lineage.content_hash}` (sha256 over the shards' names and sha256s), exported by "
         f"selm {lineage.exported_with} in run `{lineage.export_run_id}`. Every row keeps its "
         "store ids (`pair_id`, `prompt_id`, `ranking_id`, `chosen_id`, `rejected_id`, "
-        f"`ref_id`); `{LINEAGE_FILE}` holds this section machine-readable.\n",
+        f"`ref_id`{_POLICY_IDS_TEXT if lineage.policy_pair else ''}); `{LINEAGE_FILE}` holds "
+        "this section machine-readable.\n",
         "**Source dataset**:\n", sources + "\n",
         "**Store table versions read**:\n", versions + "\n",
         "**Runs that wrote these rows**:\n", runs + "\n",
@@ -558,8 +694,9 @@ def _license_text(lineage: Lineage) -> str:
         lines.append(f"`{lineage.license}`, as given by the pusher.")
     lines += [f"The prompts and the dataset's responses are rows of {u.origin}, "
               f"{u.license} license." for u in known]
-    lines.append("The policy's responses (y_ref) were generated by the model(s) above; their "
-                 "terms of use may apply to generated text.")
+    samples = "y_0, y_1" if lineage.policy_pair else "y_ref"
+    lines.append(f"The policy's responses ({samples}) were generated by the model(s) above; "
+                 "their terms of use may apply to generated text.")
     return " ".join(lines) + "\n"
 
 

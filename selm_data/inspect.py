@@ -13,8 +13,11 @@ Two populations, on purpose:
   pairs: the training data.
 Iterations built from the dataset's own pairs (`pairs: original`) rank two candidates and
 have no y_ref: their ranking columns and `chosen_is_ref` are null, never 0, so they cannot be
-read as a policy that never wins. Scores are compared exactly (`==` is a tie), as the pairing
-rules do. Quantiles interpolate linearly (numpy's default), so they match a hand computation.
+read as a policy that never wins. Neither have SAIL iterations (`pairing.rule: sail`), which
+rank (y_0, y_1, y_w, y_l): their pair columns describe the dataset pairs, and their policy
+pairs (rule `sail_policy`) are counted apart, in `policy_pairs` and `policy_ties`.
+Scores are compared exactly (`==` is a tie), as the pairing rules do. Quantiles interpolate
+linearly (numpy's default), so they match a hand computation.
 
 Quarantined rows are refused while a source is read, before its rows are cut into iterations,
 so they belong to no iteration: `quarantine_stats` counts them per source and reason (the
@@ -37,13 +40,15 @@ from rich.table import Table
 
 from selm_data.errors import SelmError
 from selm_data.schema import RESPONSE_ORIGINS
-from selm_data.snapshot import READS, Filters, snapshot_row, snapshot_table
+from selm_data.snapshot import POLICY_RULE, READS, Filters, snapshot_row, snapshot_table
 from selm_data.store import Store
 
 QUANTILES = (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))
-COUNTS = ("prompts", "generated", "failed", "rankings", "pairs", "ties", "unpaired", "compared")
+COUNTS = ("prompts", "generated", "failed", "rankings", "pairs", "ties", "policy_pairs",
+          "policy_ties", "unpaired", "compared")
 # (y_ref, y_w, y_l): the order in which the build hands candidates to the ranker.
 TRIPLE = ("ref", "yw", "yl")
+POLICY_PAIR = pl.col("rule") == POLICY_RULE  # SAIL's second pair of a ranking
 
 Scan = Callable[[str], pl.LazyFrame]
 
@@ -69,7 +74,8 @@ def iteration_stats(store: Store, *, iteration: int | None = None) -> pl.DataFra
     """One row per iteration (or only `iteration`), with the columns of `COLUMNS`.
 
     Counts: `prompts`; `generated` (the policy's ok responses) and `failed` (failed ones, each
-    attempt); `rankings`; `pairs` and `ties`; `unpaired` (prompts without a pair: failed
+    attempt); `rankings`; `pairs` and `ties`; SAIL's `policy_pairs` and their `policy_ties`
+    (0 for other rules; not in `pairs`); `unpaired` (prompts without a pair: failed
     generation, unscored, or a dropped tie); `compared` (complete (y_ref, y_w, y_l) rankings).
     Fractions of `compared`: `ref_{gt,eq,lt}_{yw,yl}` (y_ref scored above, equal to, below
     y_w or y_l) and `yw_gt_yl` (the ranker agrees with the dataset's label). Fractions of
@@ -119,8 +125,10 @@ def _counts(scan: Scan) -> pl.LazyFrame:
                name="generated"),
         _count(scan, "responses", pl.col("status") == "failed", name="failed"),
         rankings,
-        _count(scan, "pairs", name="pairs"),
-        _count(scan, "pairs", pl.col("is_tie"), name="ties"),
+        _count(scan, "pairs", ~POLICY_PAIR, name="pairs"),
+        _count(scan, "pairs", ~POLICY_PAIR, pl.col("is_tie"), name="ties"),
+        _count(scan, "pairs", POLICY_PAIR, name="policy_pairs"),
+        _count(scan, "pairs", POLICY_PAIR, pl.col("is_tie"), name="policy_ties"),
         unpaired,
     ]
     frame = parts[0]
@@ -162,7 +170,7 @@ def _ranking_stats(scan: Scan) -> pl.LazyFrame:
 
 def _pair_stats(scan: Scan) -> pl.LazyFrame:
     has_ref = pl.col("ref_id").is_not_null()
-    return scan("pairs").group_by("iteration").agg(
+    return scan("pairs").filter(~POLICY_PAIR).group_by("iteration").agg(
         (pl.col("chosen_origin") == "policy").filter(has_ref).mean().alias("chosen_is_ref"),
         (pl.col("rejected_origin") == "policy").filter(has_ref).mean().alias("rejected_is_ref"),
         *_quantiles("chosen_score", "score_chosen"),
@@ -246,6 +254,8 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, Cell], ...]], ...] = (
         ("rankings", _counted("rankings")),
         ("pairs", _counted("pairs")),
         ("ties", _counted("ties")),
+        ("SAIL policy pairs (ties)", lambda row: f"{_int(row['policy_pairs'])} "
+                                                 f"({_int(row['policy_ties'])})"),
         ("prompts without a pair", _counted("unpaired")),
     )),
     ("y_ref against the dataset's pair (rankings)", (
@@ -315,7 +325,7 @@ def score_samples(store: Store, *, iterations: Sequence[int] | None = None) -> p
         lf = store.scan(table)
         return lf if iterations is None else lf.filter(pl.col("iteration").is_in(iterations))
 
-    pairs = scan("pairs").select(
+    pairs = scan("pairs").filter(~POLICY_PAIR).select(
         "iteration", pl.col("chosen_score").alias("chosen"),
         pl.col("rejected_score").alias("rejected"),
     ).unpivot(index="iteration", variable_name="role", value_name="score")

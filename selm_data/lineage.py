@@ -191,14 +191,18 @@ def _pairs_where(store: Store, condition: pl.Expr) -> list[str]:
 
 
 def _snapshots_holding(store: Store, pair_ids: list[str]) -> list[dict]:
-    """Registered snapshots whose files hold any of `pair_ids`."""
+    """Registered snapshots whose files hold any of `pair_ids` (as a row's pair, or as its
+    SAIL policy pair)."""
     held = []
     for snapshot in store.scan("snapshots").collect().iter_rows(named=True):
         data = store.root / snapshot["path"] / "data"
         if not any(data.glob("*.parquet")):
             continue
-        hits = (pl.scan_parquet(data / "*.parquet").filter(pl.col("pair_id").is_in(pair_ids))
-                .select(pl.len()).collect().item())
+        files = pl.scan_parquet(data / "*.parquet")
+        holds = pl.col("pair_id").is_in(pair_ids)
+        if "policy_pair_id" in files.collect_schema().names():
+            holds |= pl.col("policy_pair_id").is_in(pair_ids)
+        hits = files.filter(holds).select(pl.len()).collect().item()
         if hits:
             held.append(snapshot)
     return held

@@ -141,9 +141,13 @@ class RankerSpec(_Spec):
 
 
 class PairingSpec(_Spec):
-    # best_worst: best and worst of {y_ref, y_w, y_l} (SELM's default);
-    # replace: compare y_w with y_ref and replace one side of the pair (SELM Appendix C).
-    rule: Literal["best_worst", "replace"] = "best_worst"
+    # best_worst: best and worst of {y_ref, y_w, y_l} (SELM's default); y_ref is sample 0 when
+    # generation.n > 1. replace: compare y_w with y_ref and replace one side of the pair (SELM
+    # Appendix C). sail: rank {y_0, y_1, y_w, y_l} (two seeded policy samples and the dataset's
+    # pair) and keep both the dataset pair and the policy pair, so one snapshot serves every
+    # route of SAIL (Ding et al. 2024): DPO and SAIL-DP read the dataset pair, SAIL-PR the
+    # policy pair in the ranker's order, SAIL-PP the policy pair in sample order.
+    rule: Literal["best_worst", "replace", "sail"] = "best_worst"
     ties: Literal["keep", "drop"] = "keep"  # keep: a tied pair is stored, flagged is_tie
 
 
@@ -233,6 +237,8 @@ class Manifest(_Spec):
                 f"source.limit ({self.source.limit}) leaves some of the {self.num_portions} "
                 "portions empty"
             )
+        if self.pairing.rule == "sail":
+            self._sail_generation()
         for t in range(1, len(self.iterations) + 1):
             try:
                 self.train_for(t)  # every iteration's resolved settings must validate too
@@ -240,6 +246,24 @@ class Manifest(_Spec):
                 reasons = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
                 raise ValueError(f"iteration {t} (iterations.{t - 1}) with train: {reasons}") from e
         return self
+
+    def _sail_generation(self) -> None:
+        g = self.generation
+        if g.n != 2:
+            raise ValueError(f"pairing.rule 'sail' pairs two policy samples per prompt: set "
+                             f"generation.n to 2 (it is {g.n})")
+        if g.temperature == 0.0:
+            raise ValueError("pairing.rule 'sail' needs two different samples: set "
+                             "generation.temperature above 0 (greedy samples are identical)")
+        if g.seed is None:
+            # Unseeded, the transformers backend samples every request under seed 0, so the
+            # two samples of a prompt would be the same text; seeds also make them repeatable.
+            raise ValueError("pairing.rule 'sail' needs seeded samples: set generation.seed "
+                             "(each (prompt, sample) then gets its own seed)")
+        if self.pairing.ties == "drop":
+            raise ValueError("pairing.rule 'sail' keeps ties (flagged is_tie): SAIL-PP does "
+                             "not use the ranker's order, so a tied policy pair is still data; "
+                             "set pairing.ties to keep")
 
     @property
     def num_portions(self) -> int:

@@ -205,17 +205,23 @@ JUDGMENTS = TableSpec(
 
 PAIRS = TableSpec(
     name="pairs",
-    description="The preference pair a rule made from a ranking: the training data.",
+    description=(
+        "The preference pairs a rule made from a ranking: the training data. SELM's rules make "
+        "one pair a ranking; SAIL's makes two, `sail_dataset` and `sail_policy`."
+    ),
     schema=pa.schema(
         [
             _field("pair_id", pa.string(), False),
             _field("prompt_id", pa.string(), False),
             _field("iteration", pa.int32(), False),
             _field("ranking_id", pa.string(), False),
+            # best_worst | replace | original (the dataset's own pairs, `pairs: original`) |
+            # sail_dataset (y_w over y_l, scored by the ranker) | sail_policy (two samples)
             _field("rule", pa.string(), False),
             _field("chosen_id", pa.string(), False),
             _field("rejected_id", pa.string(), False),
-            _field("ref_id", pa.string()),  # the policy's own response (y_ref), for SELM's term
+            # the policy's own response (y_ref), for SELM's term; null for original and SAIL
+            _field("ref_id", pa.string()),
             _field("chosen_origin", pa.string()),  # which candidate won: policy, dataset_chosen..
             _field("rejected_origin", pa.string()),
             _field("chosen_score", pa.float64()),

@@ -18,6 +18,16 @@ loss; `score_reference`, `margin`, `is_tie`, and the store ids):
   `chosen` / `rejected` / `reference` = the one assistant turn). TRL's DPOTrainer (1.16) does
   not accept the UltraFeedback layout: with a string `prompt` beside conversational
   `chosen`, its data preparation fails (TypeError or AttributeError, by set order).
+
+An iteration built with `pairing.rule: sail` holds two pairs a prompt (build.py). Its snapshot
+keeps one row a prompt: the dataset pair (`sail_dataset`) in the usual columns, so every reader
+of the other snapshots reads it unchanged, and beside it the policy pair in `POLICY_COLUMNS`
+(`policy_chosen` / `policy_rejected` in the layout's message format, their scores and ids,
+`policy_is_tie`, and `policy_swapped`: the ranker's order is (y_1, y_0), so undoing the swap
+gives the samples in their original order, for SAIL-PP). snapshot.json says `policy_pair: true`.
+Other iterations' snapshots have no such columns, so their bytes and hashes are as before. The
+filters select rows by the dataset pair (`is_tie`, `margin`); the policy pair is kept as it is,
+its ties flagged in `policy_is_tie`.
 """
 
 from __future__ import annotations
@@ -47,10 +57,16 @@ ROWS_PER_FILE = 250_000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 Layout = Literal["ultrafeedback", "trl"]
 LAYOUTS: tuple[Layout, ...] = ("ultrafeedback", "trl")
+POLICY_RULE = "sail_policy"  # the pairs rule of SAIL's policy pair: a column group, not a row
+POLICY_COLUMNS = ("policy_chosen", "policy_rejected", "score_policy_chosen",
+                  "score_policy_rejected", "policy_is_tie", "policy_swapped", "policy_pair_id",
+                  "policy_chosen_id", "policy_rejected_id")
 
 
 @dataclass(frozen=True)
 class Filters:
+    """Which rows an export keeps, judged by the row's (dataset) pair, never the policy pair."""
+
     drop_ties: bool = False
     min_margin: float | None = None  # keep pairs whose margin is at least this
 
@@ -70,6 +86,7 @@ class Snapshot:
     filters: Filters
     layout: Layout
     created: bool  # False: the same snapshot existed already
+    policy_pair: bool = False  # rows carry SAIL's policy pair (POLICY_COLUMNS)
 
 
 def export(store: Store, iteration: int, *, name: str | None = None,
@@ -115,7 +132,7 @@ def export(store: Store, iteration: int, *, name: str | None = None,
                     "row_count": table.num_rows, "table_versions": versions,
                     "filters": asdict(filters), "layout": layout, "files": files,
                     "selm_version": package_version(),
-                    "columns": table.schema.names}
+                    "columns": table.schema.names, "policy_pair": has_policy(table)}
             (staging / "snapshot.json").write_text(json.dumps(meta, indent=2) + "\n")
             _read_only(staging, [*files, "snapshot.json"])
             os.replace(staging, final)
@@ -128,18 +145,28 @@ def export(store: Store, iteration: int, *, name: str | None = None,
                 "filters": filters.as_json(),
             }])
             return Snapshot(name, iteration, final, files, table.num_rows, content_hash,
-                            versions, filters, layout, created=True)
+                            versions, filters, layout, created=True,
+                            policy_pair=has_policy(table))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def has_policy(table: pa.Table) -> bool:
+    """Whether a snapshot's rows carry SAIL's policy pair."""
+    return POLICY_COLUMNS[0] in table.column_names
+
+
 def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
                    filters: Filters, layout: Layout = "ultrafeedback") -> pa.Table:
-    """The rows of a snapshot, sorted by pair_id, read at exactly `versions`."""
+    """The rows of a snapshot, sorted by pair_id, read at exactly `versions`: one a pair, or
+    for SAIL one a prompt with its policy pair beside (the module docstring)."""
     def scan(t: str) -> pl.LazyFrame:
         return store.scan(t, version=versions[t])
 
-    pairs = scan("pairs").filter(pl.col("iteration") == iteration)
+    every = scan("pairs").filter(pl.col("iteration") == iteration)
+    pairs = every.filter(pl.col("rule") != POLICY_RULE)
+    policy = every.filter(pl.col("rule") == POLICY_RULE)
+    with_policy = policy.select(pl.len()).collect().item() > 0
     if filters.drop_ties:
         pairs = pairs.filter(~pl.col("is_tie"))
     if filters.min_margin is not None:
@@ -152,7 +179,7 @@ def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
         return pl.concat_list(pl.col("messages"), pl.struct(
             role=pl.lit("assistant"), content=pl.col(text)))
 
-    frame = (
+    joined = (
         pairs.join(prompts, on="prompt_id", how="left")
         .join(texts.rename({"response_id": "chosen_id", "text": "chosen_text"}),
               on="chosen_id", how="left")
@@ -162,20 +189,32 @@ def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
               on="ref_id", how="left")
         .join(ref_scores.rename({"response_id": "ref_id", "score": "score_reference"}),
               on=["ranking_id", "ref_id"], how="left")
-        .with_columns(
+    )
+    columns = _columns(layout, turn)
+    if with_policy:
+        joined = _join_policy(joined, policy, scan("responses"))
+        columns += _policy_columns(layout, turn)
+    frame = (
+        joined.with_columns(
             last_user=pl.col("messages").list.eval(
                 pl.element().filter(pl.element().struct.field("role") == "user")
             ).list.last().struct.field("content"),
         )
-        .select(*_columns(layout, turn))
+        .select(*columns)
         .sort("pair_id")
         .collect()
     )
-    missing = frame.filter(pl.col("chosen").list.last().struct.field("content").is_null()
-                           | pl.col("rejected").list.last().struct.field("content").is_null()
-                           | pl.col("prompt").is_null())
-    if missing.height:
-        raise SelmError(f"{missing.height} pairs of iteration {iteration} point at responses "
+
+    def lost(column: str) -> pl.Expr:  # a response the store does not hold
+        return pl.col(column).list.last().struct.field("content").is_null()
+
+    missing = lost("chosen") | lost("rejected") | pl.col("prompt").is_null()
+    if with_policy:
+        missing |= pl.col("policy_pair_id").is_not_null() & (
+            lost("policy_chosen") | lost("policy_rejected"))
+    broken = frame.filter(missing).height
+    if broken:
+        raise SelmError(f"{broken} pairs of iteration {iteration} point at responses "
                         "the store does not hold; run `selm-data verify`")
     table = frame.to_arrow()
     return table.cast(_schema(table.schema))
@@ -201,6 +240,42 @@ def _columns(layout: Layout, turn: Any) -> list[pl.Expr]:
         reference.alias("reference"), "score_reference", "margin", "is_tie", "iteration", "rule",
         "chosen_origin", "rejected_origin", "pair_id", "ranking_id", "chosen_id", "rejected_id",
         "ref_id",
+    ]
+
+
+def _join_policy(frame: pl.LazyFrame, policy: pl.LazyFrame,
+                 responses: pl.LazyFrame) -> pl.LazyFrame:
+    """SAIL's policy pair beside the dataset pair of the same ranking, with both samples'
+    texts and sample indexes (the swap flag compares them)."""
+    policy = policy.select(
+        "ranking_id", pl.col("pair_id").alias("policy_pair_id"),
+        pl.col("chosen_id").alias("policy_chosen_id"),
+        pl.col("rejected_id").alias("policy_rejected_id"),
+        pl.col("chosen_score").alias("score_policy_chosen"),
+        pl.col("rejected_score").alias("score_policy_rejected"),
+        pl.col("is_tie").alias("policy_is_tie"))
+    samples = responses.select("response_id", "text", "sample_index")
+    for role in ("chosen", "rejected"):
+        policy = policy.join(samples.rename({
+            "response_id": f"policy_{role}_id", "text": f"policy_{role}_text",
+            "sample_index": f"policy_{role}_sample"}), on=f"policy_{role}_id", how="left")
+    return frame.join(policy, on="ranking_id", how="left")
+
+
+def _policy_columns(layout: Layout, turn: Any) -> list[pl.Expr]:
+    """POLICY_COLUMNS, the messages in the layout's format (as `chosen` and `rejected`)."""
+    def message(text: str) -> pl.Expr:
+        answer = turn(text) if layout == "ultrafeedback" else pl.concat_list(
+            pl.struct(role=pl.lit("assistant"), content=pl.col(text)))
+        return pl.when(pl.col("policy_pair_id").is_not_null()).then(answer)
+
+    return [
+        message("policy_chosen_text").alias("policy_chosen"),
+        message("policy_rejected_text").alias("policy_rejected"),
+        "score_policy_chosen", "score_policy_rejected", "policy_is_tie",
+        (pl.col("policy_chosen_sample") > pl.col("policy_rejected_sample"))
+        .alias("policy_swapped"),
+        "policy_pair_id", "policy_chosen_id", "policy_rejected_id",
     ]
 
 
@@ -284,7 +359,7 @@ def _snapshot(store: Store, row: dict[str, Any], *, created: bool) -> Snapshot:
                     row["row_count"], row["content_hash"],
                     {v["table"]: v["version"] for v in row["table_versions"]},
                     Filters(**json.loads(row["filters"])), meta.get("layout", "ultrafeedback"),
-                    created=created)
+                    created=created, policy_pair=bool(meta.get("policy_pair", False)))
 
 
 def check_snapshot(store: Store, row: dict[str, Any]) -> list[str]:

@@ -150,9 +150,10 @@ def expected_stats(iteration: int, rows: Rows) -> dict:
             by_ranking[j["ranking_id"]][j["position"]] = j["score"]
     triples = [(s[0], s[1], s[2]) for s in by_ranking.values()
                if len(s) == 3 and None not in s.values()]
-    pairs = rows["pairs"]
+    pairs = [p for p in rows["pairs"] if p["rule"] != "sail_policy"]
+    policy = [p for p in rows["pairs"] if p["rule"] == "sail_policy"]
     with_ref = [p for p in pairs if p["ref_id"] is not None]
-    paired = {p["prompt_id"] for p in pairs}
+    paired = {p["prompt_id"] for p in rows["pairs"]}
     ok = [r for r in rows["responses"] if r["status"] == "ok"]
     out = {
         "iteration": iteration,
@@ -162,6 +163,8 @@ def expected_stats(iteration: int, rows: Rows) -> dict:
         "rankings": len({j["ranking_id"] for j in rows["judgments"]}),
         "pairs": len(pairs),
         "ties": sum(p["is_tie"] for p in pairs),
+        "policy_pairs": len(policy),
+        "policy_ties": sum(p["is_tie"] for p in policy),
         "unpaired": sum(p["prompt_id"] not in paired for p in rows["prompts"]),
         "compared": len(triples),
         "ref_gt_yw": share([r > w for r, w, _ in triples]),
