@@ -151,7 +151,34 @@ class PairingSpec(_Spec):
     ties: Literal["keep", "drop"] = "keep"  # keep: a tied pair is stored, flagged is_tie
 
 
-Loss = Literal["dpo", "ipo", "selm"]
+Loss = Literal["dpo", "ipo", "selm", "sail"]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Coefficient = Annotated[float, Field(ge=0.0)]
+
+
+class SailSpec(_Spec):
+    """SAIL's routes (Ding et al. 2024; design.md §2), drawn per example with a seed: SAIL-DP
+    with probability r, SAIL-PP with p, SAIL-PR with g, plain DPO otherwise. The reference
+    recipes run one route beside DPO: SAIL-DP r 0.4, rho 0.2; SAIL-PP p 0.3, pi 0.2; SAIL-PR
+    g 0.3, gamma 0.3 (all at beta 0.1). PP and PR train on the policy pair, which a build with
+    `pairing.rule: sail` makes; DP needs only the dataset pair."""
+
+    r: Probability = 0.0
+    p: Probability = 0.0
+    g: Probability = 0.0
+    rho: Coefficient = 0.2  # DP's -(rho/2) l**2
+    pi: Coefficient = 0.2  # PP's -(pi/2) l**2 and its extra gradient
+    gamma: Coefficient = 0.3  # PR's extra gradient
+    # score_function: -c * stopgrad(l) * logp added to the loss (default: see losses.sail_loss);
+    # reference_hook: the reference code's backward hook, -c * l / logp on logp's gradient
+    extra_gradient: Literal["score_function", "reference_hook"] = "score_function"
+
+    @model_validator(mode="after")
+    def _sums(self) -> SailSpec:
+        if self.r + self.p + self.g > 1 + 1e-9:
+            raise ValueError(f"r + p + g is {self.r + self.p + self.g}; the route "
+                             "probabilities must sum to at most 1 (the rest is plain DPO)")
+        return self
 
 
 class TrainSpec(_Spec):
@@ -174,6 +201,7 @@ class TrainSpec(_Spec):
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 42
+    sail: SailSpec = SailSpec()  # loss 'sail' only
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:
@@ -241,10 +269,17 @@ class Manifest(_Spec):
             self._sail_generation()
         for t in range(1, len(self.iterations) + 1):
             try:
-                self.train_for(t)  # every iteration's resolved settings must validate too
+                spec = self.train_for(t)  # every iteration's resolved settings must validate too
             except ValidationError as e:
                 reasons = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
                 raise ValueError(f"iteration {t} (iterations.{t - 1}) with train: {reasons}") from e
+            policy_routes = spec.loss == "sail" and (spec.sail.p > 0 or spec.sail.g > 0)
+            if policy_routes and (self.pairing.rule != "sail"
+                                  or self.iteration(t).pairs == "original"):
+                raise ValueError(
+                    f"iteration {t} trains SAIL-PP or SAIL-PR (train.sail.p or .g above 0) on "
+                    "the policy pair, which only a ranked build with pairing.rule 'sail' makes: "
+                    "set pairing.rule to sail, or train SAIL-DP alone (sail.r)")
         return self
 
     def _sail_generation(self) -> None:

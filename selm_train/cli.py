@@ -85,8 +85,8 @@ def train_cmd(
     json_log: Annotated[bool, typer.Option(
         "--json-log", help="Print each step's metrics as one JSON line.")] = False,
 ) -> None:
-    """Train on a snapshot with the manifest's loss (dpo, ipo or selm); write and register a
-    checkpoint that records the snapshot."""
+    """Train on a snapshot with the manifest's loss (dpo, ipo, selm or sail); write and
+    register a checkpoint that records the snapshot."""
     from selm_data.build import policy_for
     from selm_data.store import open_store
     from selm_train.data import resolve_snapshot

@@ -69,6 +69,7 @@ class SnapshotRef:
     files: tuple[str, ...]  # relative to folder
     row_count: int
     store: Path | None  # the store it was named through (STORE@NAME), else None
+    policy_pair: bool = False  # rows carry SAIL's policy pair (pairing.rule sail)
 
 
 def resolve_snapshot(ref: str) -> SnapshotRef:
@@ -139,7 +140,7 @@ def _verified(folder: Path, *, store: Path | None, row: dict[str, Any] | None) -
         raise SelmError(f"snapshot {name!r} at {folder}: its files no longer match its content "
                         f"hash {content_hash[:12]}, so it was modified after export; {fix}")
     return SnapshotRef(folder, name, snapshot_id, content_hash, iteration, layout, tuple(files),
-                       row_count, store)
+                       row_count, store, bool(meta.get("policy_pair", False)))
 
 
 # --- reading examples -----------------------------------------------------------------------
@@ -154,6 +155,11 @@ class PreferenceExample:
     chosen: str
     rejected: str
     reference: str | None  # y_ref; None in iterations trained on the dataset's own pairs
+    # SAIL's policy pair (two samples of the policy, the better first by the ranker), and
+    # whether that order is the samples' reverse; None where the snapshot has none
+    policy_chosen: str | None = None
+    policy_rejected: str | None = None
+    policy_swapped: bool = False
 
 
 def read_examples(snapshot: SnapshotRef) -> list[PreferenceExample]:
@@ -161,11 +167,14 @@ def read_examples(snapshot: SnapshotRef) -> list[PreferenceExample]:
 
     ultrafeedback: `chosen` / `rejected` / `reference` are whole conversations; the prompt is
     everything before the last turn, and must be the same in all three. trl: `prompt` holds the
-    prompt turns and each answer column the one assistant turn.
+    prompt turns and each answer column the one assistant turn. A snapshot of an iteration built
+    with `pairing.rule: sail` also gives each example its policy pair (`policy_chosen`, ...).
     """
     columns = ["pair_id", "chosen", "rejected", "reference"]
     if snapshot.layout == "trl":
         columns.append("prompt")
+    if snapshot.policy_pair:
+        columns += ["policy_chosen", "policy_rejected", "policy_swapped"]
     tables = [pq.read_table(snapshot.folder / rel, columns=columns) for rel in snapshot.files]
     rows = pa.concat_tables(tables).to_pylist() if tables else []
     if len(rows) != snapshot.row_count:
@@ -175,38 +184,46 @@ def read_examples(snapshot: SnapshotRef) -> list[PreferenceExample]:
     return [normalise(row) for row in rows]
 
 
+def _answers(row: dict[str, Any], prompt: list[Message], pair_id: str, *,
+             whole: bool) -> list[str | None]:
+    """chosen, rejected, reference and the policy pair's answers of a row; `whole`: each column
+    is the conversation (ultrafeedback), else the one assistant turn (trl)."""
+    answers: list[str | None] = []
+    for column in ANSWER_COLUMNS:
+        if column not in ("chosen", "rejected") and row.get(column) is None:
+            answers.append(None)
+            continue
+        turns = _turns(row[column], column, pair_id)
+        if whole and turns[:-1] != prompt:
+            raise SelmError(f"pair {pair_id}: `{column}` does not start with the prompt turns of "
+                            "`chosen`; the snapshot is inconsistent, export it again")
+        if not whole and len(turns) != 1:
+            raise SelmError(f"pair {pair_id}: `{column}` has {len(turns)} turns; the trl layout "
+                            "holds exactly one assistant turn per answer")
+        answers.append(_answer(turns, column, pair_id))
+    if (answers[3] is None) != (answers[4] is None):
+        raise SelmError(f"pair {pair_id}: one answer of the policy pair is missing; the "
+                        "snapshot is inconsistent, export it again")
+    return answers
+
+
+ANSWER_COLUMNS = ("chosen", "rejected", "reference", "policy_chosen", "policy_rejected")
+
+
 def _from_ultrafeedback(row: dict[str, Any]) -> PreferenceExample:
     pair_id = row["pair_id"]
     prompt = _turns(row["chosen"], "chosen", pair_id)[:-1]
     if not prompt:
         raise SelmError(f"pair {pair_id}: `chosen` has no prompt turns before the answer")
-    answers = []
-    for column in ("chosen", "rejected", "reference"):
-        if column == "reference" and row[column] is None:
-            answers.append(None)
-            continue
-        turns = _turns(row[column], column, pair_id)
-        if turns[:-1] != prompt:
-            raise SelmError(f"pair {pair_id}: `{column}` does not start with the prompt turns of "
-                            "`chosen`; the snapshot is inconsistent, export it again")
-        answers.append(_answer(turns, column, pair_id))
-    return PreferenceExample(pair_id, prompt, *answers)
+    return PreferenceExample(pair_id, prompt, *_answers(row, prompt, pair_id, whole=True),
+                             bool(row.get("policy_swapped")))
 
 
 def _from_trl(row: dict[str, Any]) -> PreferenceExample:
     pair_id = row["pair_id"]
     prompt = _turns(row["prompt"], "prompt", pair_id)
-    answers = []
-    for column in ("chosen", "rejected", "reference"):
-        if column == "reference" and row[column] is None:
-            answers.append(None)
-            continue
-        turns = _turns(row[column], column, pair_id)
-        if len(turns) != 1:
-            raise SelmError(f"pair {pair_id}: `{column}` has {len(turns)} turns; the trl layout "
-                            "holds exactly one assistant turn per answer")
-        answers.append(_answer(turns, column, pair_id))
-    return PreferenceExample(pair_id, prompt, *answers)
+    return PreferenceExample(pair_id, prompt, *_answers(row, prompt, pair_id, whole=False),
+                             bool(row.get("policy_swapped")))
 
 
 def _turns(value: Any, column: str, pair_id: str) -> list[Message]:
@@ -237,6 +254,9 @@ class TokenizedExample:
     rejected_ids: tuple[int, ...]
     ref_ids: tuple[int, ...] | None
     truncated: bool  # the prompt or the responses were cut to fit max_length
+    policy_chosen_ids: tuple[int, ...] | None = None  # SAIL's policy pair, ranker's order
+    policy_rejected_ids: tuple[int, ...] | None = None
+    policy_swapped: bool = False  # the ranker's order is the samples' reverse
 
 
 def tokenize(examples: Sequence[PreferenceExample], tokenizer: PreTrainedTokenizerBase, *,
@@ -266,26 +286,30 @@ def tokenize(examples: Sequence[PreferenceExample], tokenizer: PreTrainedTokeniz
 def _tokenize_one(ex: PreferenceExample, tokenizer: PreTrainedTokenizerBase, max_length: int,
                   max_prompt_length: int) -> TokenizedExample:
     prompt = _chat_ids(tokenizer, ex.prompt, generation_prompt=True)
-    answers = [a for a in (ex.chosen, ex.rejected, ex.reference) if a is not None]
+    named = [(what, a) for what, a in zip(ANSWER_COLUMNS, (
+        ex.chosen, ex.rejected, ex.reference, ex.policy_chosen, ex.policy_rejected),
+        strict=True) if a is not None]
     full = [_chat_ids(tokenizer, [*ex.prompt, {"role": "assistant", "content": a}],
-                      generation_prompt=False) for a in answers]
+                      generation_prompt=False) for _, a in named]
     n = min(_common_prefix(prompt, ids) for ids in full)
     prompt, responses = prompt[:n], [ids[n:] for ids in full]
-    for ids, what in zip(responses, ("chosen", "rejected", "reference"), strict=False):
+    for ids, (what, _) in zip(responses, named, strict=True):
         if not ids:
             raise SelmError(f"pair {ex.pair_id}: the {what} answer renders to no tokens after "
                             "the prompt with this chat template; nothing would be trained on it")
     prompt, responses, truncated = truncate(prompt, responses, max_length=max_length,
                                             max_prompt_length=max_prompt_length)
-    ref = tuple(responses[2]) if ex.reference is not None else None
-    return TokenizedExample(ex.pair_id, tuple(prompt), tuple(responses[0]), tuple(responses[1]),
-                            ref, truncated)
+    ids = {what: tuple(r) for (what, _), r in zip(named, responses, strict=True)}
+    return TokenizedExample(ex.pair_id, tuple(prompt), ids["chosen"], ids["rejected"],
+                            ids.get("reference"), truncated, ids.get("policy_chosen"),
+                            ids.get("policy_rejected"), ex.policy_swapped)
 
 
 def truncate(prompt: list[int], responses: list[list[int]], *, max_length: int,
              max_prompt_length: int) -> tuple[list[int], list[list[int]], bool]:
-    """The module's truncation rule: sized from the longest of ALL responses (y_ref included),
-    prompt cut from the left (keep_end) first, then every response to the room left."""
+    """The module's truncation rule: sized from the longest of ALL responses (y_ref and a
+    policy pair included), prompt cut from the left (keep_end) first, then every response to
+    the room left."""
     longest = max(len(r) for r in responses)
     if len(prompt) + longest <= max_length:
         return prompt, responses, False

@@ -9,7 +9,8 @@ The recipe, top to bottom (torchtune-style: one readable function, no trainer cl
 4. reference log-probs, once per snapshot and reference model, cached beside the snapshot, so
    a training step runs only the policy (the paper's code recomputed them every step);
 5. DeepSpeed engine (ZeRO 0-3), then global batches of chosen, rejected and y_ref in one
-   forward each micro-batch, the loss of the manifest (dpo, ipo or selm);
+   forward each micro-batch, the loss of the manifest (dpo, ipo or selm; or sail, where each
+   example's seeded route picks the pair it trains on: the dataset pair or the policy pair);
 6. the gathered weights saved as a checkpoint with its lineage, registered in the store.
 
 Global batch g of epoch e is the same pairs whatever the number of processes: the epoch's
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,18 @@ from selm_train.data import (
     tokenize,
 )
 from selm_train.engine import ds_config, gather_state_dict, init_distributed, make_engine
-from selm_train.losses import LossOutput, dpo_loss, ipo_loss, selm_loss, sequence_logps
+from selm_train.losses import (
+    ROUTE_NAMES,
+    ROUTE_PP,
+    ROUTE_PR,
+    LossOutput,
+    dpo_loss,
+    ipo_loss,
+    sail_loss,
+    sail_routes,
+    selm_loss,
+    sequence_logps,
+)
 
 Progress = Callable[[dict[str, float]], None]  # called on rank 0 after each optimizer step
 REFERENCE_DIR = "reference"
@@ -61,6 +73,7 @@ class TrainResult:
     checkpoint_id: str | None
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
+    nonfinite: int = 0  # sail: examples whose loss was not finite, zeroed and left out
 
 
 def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteration: int,
@@ -80,6 +93,10 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
     with_ref = spec.loss == "selm"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
+    if spec.loss == "sail" and (spec.sail.p > 0 or spec.sail.g > 0) and not snap.policy_pair:
+        raise SelmError(f"snapshot {snap.name} has no policy pair, which SAIL-PP and SAIL-PR "
+                        "(train.sail.p, .g) train on: build the iteration with pairing.rule "
+                        "sail and export it again, or train SAIL-DP alone (train.sail.r)")
     reference = reference_logps(model, examples, snap, model_ref, spec, pad, dist)
 
     config = ds_config(spec, world_size=dist.world_size, device=dist.device.type)
@@ -93,10 +110,11 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
     engine = make_engine(model, config, learning_rate=spec.learning_rate, total_steps=total,
                          lr_scheduler=spec.lr_scheduler, warmup_ratio=spec.warmup_ratio)
     micro, accum = spec.micro_batch_size, config["gradient_accumulation_steps"]
-    history = []
+    history, nonfinite = [], 0
     for epoch in range(spec.epochs):
         order = torch.randperm(len(examples),
                                generator=torch.Generator().manual_seed(spec.seed + epoch))
+        routes = sail_plan(examples, spec, epoch) if spec.loss == "sail" else None
         for step in range(steps_per_epoch):
             start = step * spec.global_batch_size
             mine = [order[start + m * micro:start + (m + 1) * micro].tolist()
@@ -105,21 +123,28 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
             sums: dict[str, float] = {}
             lr = engine.get_lr()[0]  # this step's rate: the scheduler moves after the step
             for indices in mine:
-                batch = collate([examples[i] for i in indices], pad, with_reference=with_ref)
-                out = _step_loss(engine, batch.to(dist.device), reference, spec)
+                if routes is None:
+                    batch = collate([examples[i] for i in indices], pad, with_reference=with_ref)
+                    out = _step_loss(engine, batch.to(dist.device), reference, spec)
+                else:
+                    out = _sail_step(engine, [examples[i] for i in indices],
+                                     routes[0][indices], routes[1][indices], reference, spec,
+                                     pad, dist.device)
+                _stop_if_nonfinite(out, len(history) + 1)
                 engine.backward(out.losses.mean())
                 engine.step()
                 for key, value in _metrics(out).items():
                     sums[key] = sums.get(key, 0.0) + value / accum
             row = _all_mean(sums, dist.world_size)
             row.update(step=len(history) + 1, epoch=epoch, lr=lr)
+            nonfinite += round(row.get("sail/nonfinite", 0.0) * spec.global_batch_size)
             history.append(row)
             if progress is not None and dist.rank == 0:
                 progress(row)
     state = gather_state_dict(engine)
     if dist.rank != 0:
         torch.distributed.barrier()
-        return TrainResult(None, None, total, history)
+        return TrainResult(None, None, total, history, nonfinite)
     store = open_store(snap.store) if snap.store is not None else None
     info = CheckpointInfo(
         iteration=iteration, snapshot_name=snap.name, snapshot_id=snap.snapshot_id,
@@ -133,7 +158,7 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
     if register and store is not None:
         checkpoint_id = register_checkpoint(store, folder)["checkpoint_id"]
     torch.distributed.barrier()
-    return TrainResult(folder, checkpoint_id, total, history)
+    return TrainResult(folder, checkpoint_id, total, history, nonfinite)
 
 
 def _load(model: ResolvedModel, device: torch.device, spec: TrainSpec) -> tuple[Any, Any]:
@@ -179,6 +204,68 @@ def _step_loss(engine: Any, batch: Batch, reference: dict[str, tuple[float, ...]
     return dpo_loss(policy[0], policy[1], ref[0], ref[1], spec.beta)
 
 
+def _stop_if_nonfinite(out: LossOutput, step: int) -> None:
+    """Stop before a non-finite loss reaches the weights. (sail_loss zeroes its own non-finite
+    examples and reports them in `sail/nonfinite`, so a SAIL run goes on.)"""
+    bad = ~torch.isfinite(out.losses.detach())
+    if bool(bad.any()):
+        raise SelmError(f"step {step}: {int(bad.sum())} of {bad.numel()} losses are not finite, "
+                        "so training stopped before they reached the weights; lower "
+                        "train.learning_rate or train.beta, or train in fp32 "
+                        "(train.precision: fp32)")
+
+
+# --- SAIL ---------------------------------------------------------------------------------------
+
+
+def sail_plan(examples: Sequence[TokenizedExample], spec: TrainSpec,
+              epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's SAIL route and its uniform draw (the DP / PP swap) in this epoch, by
+    example index: seeded by the run's seed and the epoch alone, so one process and many draw
+    the same. An example without a policy pair (a sample failed, or a snapshot not built with
+    `pairing.rule: sail`) takes plain DPO where it drew SAIL-PP or SAIL-PR."""
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
+    routes = sail_routes(len(examples), r=spec.sail.r, p=spec.sail.p, g=spec.sail.g,
+                         generator=generator)
+    draws = torch.rand(len(examples), generator=generator, dtype=torch.float64)
+    lacking = torch.tensor([ex.policy_chosen_ids is None for ex in examples])
+    routes[lacking & ((routes == ROUTE_PP) | (routes == ROUTE_PR))] = 0
+    return routes, draws
+
+
+def _sail_view(ex: TokenizedExample, route: int) -> tuple[TokenizedExample, tuple[int, int]]:
+    """The pair `route` trains on, as (chosen, rejected) of an example, and where its reference
+    log-probs are in the cached tuple (chosen, rejected, y_ref, policy chosen, policy rejected):
+    the dataset pair for DPO and SAIL-DP, the policy pair in the ranker's order for SAIL-PR
+    and in the samples' order for SAIL-PP (which the policy's own preference orders)."""
+    if route not in (ROUTE_PP, ROUTE_PR):
+        return replace(ex, ref_ids=None), (0, 1)
+    assert ex.policy_chosen_ids is not None and ex.policy_rejected_ids is not None
+    pair, where = (ex.policy_chosen_ids, ex.policy_rejected_ids), (3, 4)
+    if route == ROUTE_PP and ex.policy_swapped:
+        pair, where = pair[::-1], where[::-1]
+    return replace(ex, chosen_ids=pair[0], rejected_ids=pair[1], ref_ids=None), where
+
+
+def _sail_step(engine: Any, examples: list[TokenizedExample], routes: torch.Tensor,
+               draws: torch.Tensor, reference: dict[str, tuple[float, ...]], spec: TrainSpec,
+               pad: int, device: torch.device) -> LossOutput:
+    views = [_sail_view(ex, int(route)) for ex, route in zip(examples, routes, strict=True)]
+    batch = collate([v for v, _ in views], pad, with_reference=False).to(device)
+    policy_chosen, policy_rejected = batch.split(_forward(engine, batch))
+    ref = torch.tensor([[reference[ex.pair_id][i] for i in where]
+                        for ex, (_, where) in zip(examples, views, strict=True)],
+                       dtype=policy_chosen.dtype, device=device).T
+    out = sail_loss(policy_chosen, policy_rejected, ref[0], ref[1], spec.beta,
+                    routes.to(device), draws=draws.to(device), rho=spec.sail.rho,
+                    pi=spec.sail.pi, gamma=spec.sail.gamma,
+                    extra_gradient=spec.sail.extra_gradient)
+    del out.metrics["sail/route"]  # its mean means nothing; the shares below do
+    for route, name in enumerate(ROUTE_NAMES):  # each route's share of the step's examples
+        out.metrics[f"sail/{name}"] = (routes == route).to(policy_chosen.dtype).to(device)
+    return out
+
+
 def _metrics(out: LossOutput) -> dict[str, float]:
     row = {"loss": float(out.losses.detach().mean())}
     for key, value in out.metrics.items():
@@ -202,7 +289,8 @@ def _all_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
 def reference_logps(model: Any, examples: Sequence[TokenizedExample], snap: SnapshotRef,
                     model_ref: ResolvedModel, spec: TrainSpec, pad: int,
                     dist: Any) -> dict[str, tuple[float, ...]]:
-    """Summed log-probs of chosen, rejected (and y_ref) under the reference model, by pair id.
+    """Summed log-probs of chosen, rejected (and y_ref; and for SAIL the policy pair, nan where
+    a pair has none) under the reference model, by pair id.
 
     Computed once and kept in `<snapshot>/reference/<key>.parquet`, the key naming the model's
     fingerprint, the dtype and the truncation: the reference is fixed within an iteration, so
@@ -210,14 +298,19 @@ def reference_logps(model: Any, examples: Sequence[TokenizedExample], snap: Snap
     and writes; the others wait and read.
     """
     with_ref = spec.loss == "selm" or all(ex.ref_ids is not None for ex in examples)
-    key = hashlib.sha256(canonical_json({
+    described = {
         "model": model_ref.fingerprint, "dtype": str(next(model.parameters()).dtype),
         "max_length": spec.max_length, "max_prompt_length": spec.max_prompt_length,
         "with_ref": with_ref, "snapshot": snap.content_hash,
-    }).encode()).hexdigest()[:24]
+    }
+    if snap.policy_pair:
+        described["policy_pair"] = True
+    key = hashlib.sha256(canonical_json(described).encode()).hexdigest()[:24]
     path = snap.folder / REFERENCE_DIR / f"{key}.parquet"
     if dist.rank == 0 and not path.is_file():
         values = _compute_reference(model, examples, pad, with_ref, spec.micro_batch_size * 2)
+        if snap.policy_pair:  # (chosen, rejected, y_ref or nan, policy chosen, policy rejected)
+            values = _with_policy_pairs(model, examples, values, pad, spec.micro_batch_size * 2)
         path.parent.mkdir(exist_ok=True)
         staging = path.with_suffix(f".{dist.rank}.tmp")
         pl.DataFrame([{"pair_id": k, "logps": list(v)} for k, v in values.items()]).write_parquet(
@@ -243,3 +336,14 @@ def _compute_reference(model: Any, examples: Sequence[TokenizedExample], pad: in
             out[pair_id] = tuple(float(p[i]) for p in parts)
     model.train(was_training)
     return out
+
+
+def _with_policy_pairs(model: Any, examples: Sequence[TokenizedExample],
+                       values: dict[str, tuple[float, ...]], pad: int,
+                       batch_size: int) -> dict[str, tuple[float, ...]]:
+    """`values` widened to (chosen, rejected, y_ref, policy chosen, policy rejected)."""
+    views = [_sail_view(ex, ROUTE_PR)[0] for ex in examples if ex.policy_chosen_ids is not None]
+    policy = _compute_reference(model, views, pad, False, batch_size)
+    nan = float("nan")
+    return {p: (v[0], v[1], v[2] if len(v) > 2 else nan, *policy.get(p, (nan, nan)))
+            for p, v in values.items()}
