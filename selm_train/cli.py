@@ -60,7 +60,8 @@ def _progress(total_hint: str = "") -> Callable[[dict[str, float]], None]:
     def show(row: dict[str, float]) -> None:
         extra = "".join(f"  {short}={row[key]:.3f}" for key, short in (
             ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
-            ("rewards/ref_response", "ref_reward")) if key in row)
+            ("rewards/ref_response", "ref_reward"), ("sail/flipped", "swapped"),
+            ("sail/nonfinite", "nonfinite")) if key in row)
         console.print(f"step {int(row['step'])}{total_hint}  loss={row['loss']:.4f}{extra}  "
                       f"lr={row['lr']:.2e}", highlight=False)
     return show
@@ -108,6 +109,9 @@ def train_cmd(
     show = (lambda row: print(json.dumps(row), flush=True)) if json_log else _progress()
     result = train(snapshot, policy, output, m.train_for(t), iteration=t, register=register,
                    progress=show)
+    if result.nonfinite:
+        console.print(f"[yellow]{result.nonfinite} SAIL example(s) had a non-finite loss; they "
+                      "were left out of their steps (sail/nonfinite in the step log)[/]")
     if result.checkpoint is not None:
         console.print(f"checkpoint {result.checkpoint} ({result.steps} steps)"
                       + (f", registered as {result.checkpoint_id}" if result.checkpoint_id
