@@ -2,10 +2,13 @@
 
 Same model (a random Llama of `--hidden` x `--layers` with the bundled SmolLM2 tokenizer and
 chat template), same pairs (`--pairs` bundled UltraFeedback rows, y_ref the reversed chosen
-answer, exported as a `trl`-layout snapshot that both read), same batch (micro-batch
-`--micro`, `--accum` accumulation steps), same max length, fp32 on CPU, constant learning rate.
-TRL precomputes its reference log-probs too (`precompute_ref_log_probs=True`), as selm does, so
-both time only the policy's steps.
+answer, exported as a `trl`-layout snapshot that both read; `--ref ranked`, the default, makes
+y_ref the chosen answer of a third of the pairs, the rejected of a third, and neither of the
+rest, as a ranker that knows nothing would, and near the demo build's 69-72% of y_ref that became
+chosen or rejected; `--ref middle` keeps it apart in every pair, the worst case for SELM),
+same batch (micro-batch `--micro`, `--accum` accumulation steps), same max length, fp32 on CPU,
+constant learning rate. TRL precomputes its reference log-probs too
+(`precompute_ref_log_probs=True`), as selm does, so both time only the policy's steps.
 
 Each variant runs in its own process (so peak memory is its own): selm DPO, selm SELM, TRL DPO.
 A step's time is the wall time between the ends of consecutive optimizer steps (the first
@@ -13,6 +16,7 @@ step, which pays one-off costs, is left out); medians over the steps of `--repea
 Goals: selm DPO / TRL DPO at most 1.0; selm SELM / selm DPO at most 1.35.
 
 Run: python bench/train_step.py [--pairs 48] [--steps 6] [--repeats 2] [--hidden 256]
+     [--ref ranked|middle]
 """
 
 from __future__ import annotations
@@ -82,11 +86,16 @@ def setup(root: Path, args: argparse.Namespace) -> tuple[str, Path]:
             judgments.append({"ranking_id": ranking, "prompt_id": pid, "iteration": 1,
                               "response_id": rid, "position": pos, "n_candidates": 3,
                               "score": score, "rank": pos + 1, "ranker": "bench"})
+        # where y_ref landed: best, worst or between (one in three each, as a ranker that
+        # knows nothing would place it), or always between (`--ref middle`: the worst case)
+        place = "middle" if args.ref == "middle" else ("best", "worst", "middle")[i % 3]
+        chosen, rejected = {"best": (0, 2), "worst": (1, 0), "middle": (1, 2)}[place]
+        origins = ("policy", "dataset_chosen", "dataset_rejected")
         pairs.append({"prompt_id": pid, "iteration": 1, "ranking_id": ranking,
-                      "rule": "best_worst", "chosen_id": ids[1], "rejected_id": ids[2],
-                      "ref_id": ids[0], "chosen_score": 1.0, "rejected_score": -1.0,
-                      "margin": 2.0, "is_tie": False, "chosen_origin": "dataset_chosen",
-                      "rejected_origin": "dataset_rejected"})
+                      "rule": "best_worst", "chosen_id": ids[chosen],
+                      "rejected_id": ids[rejected], "ref_id": ids[0], "chosen_score": 1.0,
+                      "rejected_score": -1.0, "margin": 2.0, "is_tie": False,
+                      "chosen_origin": origins[chosen], "rejected_origin": origins[rejected]})
     for table, rows in (("prompts", prompts), ("responses", responses),
                         ("judgments", judgments), ("pairs", pairs)):
         store.append(table, rows)
@@ -157,6 +166,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--ref", choices=("ranked", "middle"), default="ranked")
     parser.add_argument("--child", choices=VARIANTS)
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
@@ -168,7 +178,7 @@ def main() -> None:
         setup(root, args)
         results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                 ("pairs", "steps", "micro", "accum", "max_length", "hidden", "layers")]
+                 ("pairs", "steps", "micro", "accum", "max_length", "hidden", "layers", "ref")]
         for rep in range(args.repeats):
             for variant in VARIANTS:
                 proc = subprocess.run([sys.executable, __file__, "--child", variant,
@@ -185,7 +195,8 @@ def main() -> None:
                 for v in VARIANTS}
         peak = {v: max(r["peak_rss_mb"] for r in results[v]) for v in VARIANTS}
         print(f"\n{args.pairs} pairs, micro-batch {args.micro} x {args.accum} accumulation, "
-              f"max length {args.max_length}, Llama {args.hidden} x {args.layers}, fp32 CPU")
+              f"max length {args.max_length}, Llama {args.hidden} x {args.layers}, fp32 CPU, "
+              f"y_ref placed: {args.ref}")
         print("| variant | median step s | peak RSS MB |\n|---|---|---|")
         for v in VARIANTS:
             print(f"| {v} | {step[v]:.3f} | {peak[v]:.0f} |")
