@@ -12,7 +12,9 @@ constant learning rate. TRL precomputes its reference log-probs too
 
 Each variant runs in its own process (so peak memory is its own): selm DPO, selm SELM, TRL DPO.
 A step's time is the wall time between the ends of consecutive optimizer steps (the first
-step, which pays one-off costs, is left out); medians over the steps of `--repeats` processes.
+step, which pays one-off costs, is left out), and the process CPU time over the same span (with
+`--threads 1`, the work itself, which a busy shared machine inflates far less than wall time);
+medians over the steps of `--repeats` processes.
 Goals: selm DPO / TRL DPO at most 1.0; selm SELM / selm DPO at most 1.35.
 
 Run: python bench/train_step.py [--pairs 48] [--steps 6] [--repeats 2] [--hidden 256]
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -106,6 +109,7 @@ def setup(root: Path, args: argparse.Namespace) -> tuple[str, Path]:
 def child(variant: str, root: Path, args: argparse.Namespace) -> dict:
     snapshot, model_dir = f"{root / 'store'}@bench", root / "model"
     marks: list[float] = []
+    cpu: list[float] = []  # process CPU time (all threads) at the same marks
     if variant.startswith("selm-"):
         from selm_data.manifest import TrainSpec
         from selm_train.train import train
@@ -117,12 +121,14 @@ def child(variant: str, root: Path, args: argparse.Namespace) -> dict:
                          micro_batch_size=args.micro, max_length=args.max_length,
                          max_prompt_length=args.max_length // 2, epochs=99, zero_stage=0)
         marks.append(time.perf_counter())
+        cpu.append(time.process_time())
 
         class Stop(Exception):
             pass
 
         def on_step(row: dict) -> None:
             marks.append(time.perf_counter())
+            cpu.append(time.process_time())
             if len(marks) > args.steps:
                 raise Stop
 
@@ -137,6 +143,7 @@ def child(variant: str, root: Path, args: argparse.Namespace) -> dict:
         class Clock(TrainerCallback):
             def on_step_end(self, *a, **k) -> None:
                 marks.append(time.perf_counter())
+                cpu.append(time.process_time())
 
         data = load_dataset("parquet", data_files=str(root / "store/exports/bench/data/*"),
                             split="train").select_columns(["prompt", "chosen", "rejected"])
@@ -152,7 +159,8 @@ def child(variant: str, root: Path, args: argparse.Namespace) -> dict:
                              callbacks=[Clock()])
         trainer.train()
     steps = [b - a for a, b in itertools.pairwise(marks[1:])]
-    return {"variant": variant, "steps": steps,
+    cpu_steps = [b - a for a, b in itertools.pairwise(cpu[1:])]
+    return {"variant": variant, "steps": steps, "cpu_steps": cpu_steps,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -167,6 +175,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--ref", choices=("ranked", "middle"), default="ranked")
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--child", choices=VARIANTS)
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
@@ -179,11 +188,14 @@ def main() -> None:
         results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                  ("pairs", "steps", "micro", "accum", "max_length", "hidden", "layers", "ref")]
+        env = dict(os.environ)
+        if args.threads:  # one thread: CPU time per step is the work, whatever else runs
+            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         for rep in range(args.repeats):
             for variant in VARIANTS:
                 proc = subprocess.run([sys.executable, __file__, "--child", variant,
                                        "--workdir", str(root), *flags],
-                                      capture_output=True, text=True, timeout=1800)
+                                      capture_output=True, text=True, timeout=1800, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")),
                             None)
                 assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -191,20 +203,24 @@ def main() -> None:
                 shutil.rmtree(root / f"out-{variant}", ignore_errors=True)
                 print(f"  repeat {rep + 1}/{args.repeats} {variant}: median step "
                       f"{statistics.median(results[variant][-1]['steps']):.3f} s", flush=True)
-        step = {v: statistics.median([s for r in results[v] for s in r["steps"]])
-                for v in VARIANTS}
+        def median(key: str) -> dict[str, float]:
+            return {v: statistics.median([s for r in results[v] for s in r[key]])
+                    for v in VARIANTS}
+
+        step, cpu = median("steps"), median("cpu_steps")
         peak = {v: max(r["peak_rss_mb"] for r in results[v]) for v in VARIANTS}
         print(f"\n{args.pairs} pairs, micro-batch {args.micro} x {args.accum} accumulation, "
               f"max length {args.max_length}, Llama {args.hidden} x {args.layers}, fp32 CPU, "
-              f"y_ref placed: {args.ref}")
-        print("| variant | median step s | peak RSS MB |\n|---|---|---|")
+              f"{args.threads or 'default'} thread(s), y_ref placed: {args.ref}")
+        print("| variant | median step s | median step CPU s | peak RSS MB |\n|---|---|---|---|")
         for v in VARIANTS:
-            print(f"| {v} | {step[v]:.3f} | {peak[v]:.0f} |")
-        ratios = {"selm dpo / trl dpo": step["selm-dpo"] / step["trl-dpo"],
-                  "selm selm / selm dpo": step["selm-selm"] / step["selm-dpo"]}
-        for name, value in ratios.items():
-            verdict = "pass" if value <= GOALS[name] else "FAIL"
-            print(f"{name}: {value:.2f}x (goal at most {GOALS[name]}x): {verdict}")
+            print(f"| {v} | {step[v]:.3f} | {cpu[v]:.3f} | {peak[v]:.0f} |")
+        for clock, t in (("wall", step), ("CPU", cpu)):
+            ratios = {"selm dpo / trl dpo": t["selm-dpo"] / t["trl-dpo"],
+                      "selm selm / selm dpo": t["selm-selm"] / t["selm-dpo"]}
+            for name, value in ratios.items():
+                verdict = "pass" if value <= GOALS[name] else "FAIL"
+                print(f"{clock}: {name}: {value:.2f}x (goal at most {GOALS[name]}x): {verdict}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
