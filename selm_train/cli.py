@@ -43,16 +43,21 @@ def plan(
 ) -> None:
     """Show each iteration's training settings after the iteration's overrides."""
     m = load_manifest(find_manifest(manifest))
+    specs = [m.train_for(t) for t in range(1, len(m.iterations) + 1)]
     fields = ("pairs", "loss", "beta", "alpha", "learning_rate", "global_batch_size",
               "max_length", "zero_stage", "precision")
+    if any(s.loss == "sail" for s in specs):
+        fields = (*fields[:4], "routes", *fields[4:])
     table = Table(title=f"{m.name}: {len(m.iterations)} iteration(s), manifest {m.hash()}")
     table.add_column("iter", justify="right")
     for f in fields:
         table.add_column(f, justify="right")
-    for t in range(1, len(m.iterations) + 1):
-        spec = m.train_for(t).model_dump()
-        spec["pairs"] = m.iteration(t).pairs
-        table.add_row(str(t), *(str(spec[f]) for f in fields))
+    for t, spec in enumerate(specs, start=1):
+        row = spec.model_dump()
+        row["pairs"] = m.iteration(t).pairs
+        s = spec.sail
+        row["routes"] = (f"dp {s.r} pp {s.p} pr {s.g}" if spec.loss == "sail" else "")
+        table.add_row(str(t), *(str(row[f]) for f in fields))
     console.print(table)
 
 

@@ -217,3 +217,16 @@ def test_manifest_refuses_policy_routes_without_sail_pairs(tmp_path):
     assert Manifest.model_validate(d).train.sail.r == 0.4
     with pytest.raises(ValueError, match="sum to at most 1"):
         SailSpec(r=0.5, p=0.3, g=0.3)
+
+
+def test_plan_shows_each_iterations_routes():
+    from typer.testing import CliRunner
+
+    from selm_train.cli import app
+
+    demo = Path(__file__).resolve().parents[2] / "manifests" / "sail-demo.yaml"
+    result = CliRunner().invoke(app, ["plan", "-m", str(demo)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "sail" in line and "│" in line]
+    assert len(rows) == 2 and all("dp 0.4 pp 0.3 pr 0.3" in row for row in rows)
