@@ -144,17 +144,23 @@ def policy_for(store: Store, manifest: Manifest, iteration: int) -> str:
     """Iteration 1 starts from the manifest's policy; iteration t from t-1's checkpoint."""
     if iteration == 1:
         return manifest.policy.model
-    found = (
-        store.scan("checkpoints").filter(pl.col("iteration") == iteration - 1)
-        .sort("created_at").select("path").collect()
-    )
-    if found.height == 0:
+    path = checkpoint_path(store, iteration - 1)
+    if path is None:
         raise SelmError(
             f"iteration {iteration} generates with the policy trained in iteration "
             f"{iteration - 1}, and the store has no checkpoint for it. Train it with "
             f"`selm-train --iter {iteration - 1}`, or pass --policy PATH to use another model."
         )
-    return found["path"][-1]
+    return path
+
+
+def checkpoint_path(store: Store, iteration: int) -> str | None:
+    """The folder of the checkpoint iteration `iteration` trained (the latest registered)."""
+    found = (
+        store.scan("checkpoints").filter(pl.col("iteration") == iteration)
+        .sort("created_at").select("path").collect()
+    )
+    return found["path"][-1] if found.height else None
 
 
 def _store_inputs(store: Store, loaded: LoadedSource, mine: list, iteration: int) -> None:

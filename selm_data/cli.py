@@ -9,7 +9,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import polars as pl
 import typer
@@ -25,6 +25,9 @@ from selm_data.snapshot import POLICY_RULE, Filters, export
 from selm_data.sources import LAYOUTS, load_source
 from selm_data.store import RunInfo, Store, open_store
 from selm_data.verify import verify
+
+if TYPE_CHECKING:
+    from selm_data.evaluate import EvalPolicy
 
 app = typer.Typer(
     help="Build, inspect and check the preference data of online iterative alignment.",
@@ -273,12 +276,27 @@ def inspect_cmd(
     ] = None,
 ) -> None:
     """Per iteration: counts, how often y_ref beat, tied or lost to the dataset's pair, score
-    and margin distributions, response lengths, quarantine and failures."""
-    from selm_data.inspect import iteration_stats, plot, quarantine_stats, render_stats
+    and margin distributions, response lengths, quarantine and failures; then the evaluation
+    answers and comparisons (`selm-data eval`, `compare`, `winrates`)."""
+    from selm_data.inspect import (
+        eval_stats,
+        iteration_stats,
+        plot,
+        quarantine_stats,
+        render_eval_stats,
+        render_stats,
+    )
 
     s = _open(store, manifest)
-    console.print(render_stats(iteration_stats(s, iteration=iteration),
-                               quarantine=quarantine_stats(s)))
+    answers, compared = eval_stats(s, iteration=iteration)
+    try:
+        console.print(render_stats(iteration_stats(s, iteration=iteration),
+                                   quarantine=quarantine_stats(s)))
+    except SelmError:
+        if answers.height == 0:  # nothing built and nothing evaluated
+            raise
+    if answers.height:
+        console.print(render_eval_stats(answers, compared))
     if plot_file is not None:
         written = plot(s, plot_file, iterations=None if iteration is None else [iteration])
         console.print(f"wrote {written}", highlight=False)
@@ -301,14 +319,14 @@ def diff_cmd(
 @app.command("lineage")
 def lineage_cmd(
     row_id: Annotated[str, typer.Argument(
-        metavar="ID", help="A prompt, response, judgment, ranking, pair, snapshot or "
-        "checkpoint id.")],
+        metavar="ID", help="A prompt, response, judgment, ranking, pair, snapshot, "
+        "checkpoint, evaluation answer or evaluation comparison id.")],
     manifest: ManifestOpt = None,
     store: StoreOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a tree.")] = False,
 ) -> None:
     """Where a row came from (source row, policy and sampling, ranker, rule) and what was made
-    from it (pairs, snapshots, checkpoints, the next iteration's responses)."""
+    from it (pairs, snapshots, checkpoints, the next iteration's responses, evaluations)."""
     from selm_data.lineage import lineage, render
 
     node = lineage(_open(store, manifest), row_id)
@@ -405,6 +423,199 @@ def _print_examples(s: Store, iteration: int, k: int = 2) -> None:
 def _short(text: str | None, limit: int = 160) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+PromptsOpt = Annotated[str, typer.Option(
+    "--prompts", help="alpaca_eval (AlpacaEval's 805 instructions), mt_bench (MT-Bench's 80 "
+    "two-turn questions), or a .jsonl/.json file in either layout.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Only the first K questions of the set.")]
+MaxTokensOpt = Annotated[int | None, typer.Option(
+    help="New tokens per answer (default: the manifest's generation.max_tokens); compare and "
+    "winrates read the answers made with it.")]
+ResamplesOpt = Annotated[int, typer.Option(help="Bootstrap resamples of the questions.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the bootstrap.")]
+
+
+def _loaded(manifest: Path | None, store: Path | None, *,
+            create: bool = False) -> tuple[Manifest, Store]:
+    """Evaluation needs the recipe (policy, generation, ranker) even with --store."""
+    loaded = load_manifest(find_manifest(manifest))
+    path = store or Path(loaded.store)
+    return loaded, open_store(path, create=create, run=_run_info(loaded))
+
+
+@app.command("eval")
+def eval_cmd(
+    iteration: Annotated[int | None, typer.Option(
+        "--iter", help="Evaluate the policy iteration N trained (its registered checkpoint); "
+        "0: the manifest's base policy.")] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="Evaluate this model instead: a folder, Hub id or bundled:NAME.")] = None,
+    prompts: PromptsOpt = "alpaca_eval",
+    out: Annotated[Path | None, typer.Option(
+        help="Folder of the answer files (default: <store>/evals).")] = None,
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    backend: Annotated[str | None, typer.Option(
+        help="vllm, transformers or openai (default: the manifest's generation.backend).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(
+        help="The model's name in the files: AlpacaEval's `generator`, FastChat's `model_id` "
+        "and file name (default: <manifest name>-base, -iterN, or the folder's name).")] = None,
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Generate a policy's answers to AlpacaEval, MT-Bench or a prompt file (greedy), store
+    them with their lineage, and write them as AlpacaEval's model_outputs.json or FastChat's
+    answer jsonl for the official judges. Rerun to resume: stored answers are kept."""
+    from selm_data.evaluate import (
+        check_name,
+        default_name,
+        eval_policy,
+        evaluate,
+        load_prompt_set,
+        write_answer_files,
+    )
+
+    loaded, s = _loaded(manifest, store, create=True)  # adds the eval tables to older stores
+    prompt_set = load_prompt_set(prompts)
+    target = eval_policy(s, loaded, iteration=iteration, policy=policy)
+    name = name or default_name(loaded, target)
+    check_name(name)
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"{target.label} on {prompt_set.name}", total=None)
+        report = evaluate(s, loaded, target, prompt_set, limit=limit, max_tokens=max_tokens,
+                          backend=backend,
+                          progress=lambda _, done, total: bar.update(task, completed=done,
+                                                                     total=total))
+    files = []
+    if report.complete:
+        files = write_answer_files(s, prompt_set, target, report.sampling,
+                                   out or s.root / "evals", name=name, limit=limit)
+    table = Table(title=f"{target.label} on {prompt_set.name}")
+    table.add_column("")
+    table.add_column("", justify="left")
+    for label, value in (
+        ("policy", f"{target.model.reference} (fingerprint {target.model.fingerprint[:12]}"
+                   + (f", checkpoint {target.checkpoint_id[:12]})" if target.checkpoint_id
+                      else ")")),
+        ("prompt set", f"{prompt_set.name} ({prompt_set.hash[:12]}), {report.questions} of "
+                       f"{len(prompt_set.questions)} questions"),
+        ("sampling", f"greedy, {report.sampling.max_tokens} new tokens"),
+        ("answers stored before", str(report.already)),
+        ("answers generated", str(report.generated)),
+        ("generations failed", str(len(report.failed))),
+        ("questions with every turn answered", f"{report.complete} of {report.questions}"),
+    ):
+        table.add_row(label, value)
+    console.print(table)
+    for question, turn, reason in report.failed[:5]:
+        console.print(f"  failed: question {question}, turn {turn}: {reason}", highlight=False)
+    if report.failed:
+        console.print("  rerun the same command to retry the failed answers", highlight=False)
+    if not files:
+        console.print("[red]no question has every turn answered: no answer file written[/]")
+    for path in files:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    if files and prompt_set.layout == "alpaca_eval":
+        console.print(f"judge it: alpaca_eval --model_outputs {files[0]}  (needs OPENAI_API_KEY)",
+                      highlight=False, soft_wrap=True)
+    elif files:
+        console.print(f"judge it: copy {files[0]} into FastChat's fastchat/llm_judge/data/"
+                      f"mt_bench/model_answer/, then python gen_judgment.py --model-list "
+                      f"{files[0].stem}", highlight=False, soft_wrap=True)
+
+
+def _policies(s: Store, loaded: Manifest, iters: str | None,
+              policy: list[str] | None) -> list[EvalPolicy]:
+    """--iters (default: base and every trained iteration), then each --policy."""
+    from selm_data.evaluate import eval_policy, policy_from_text
+
+    if iters is None:
+        trained = (s.scan("checkpoints").select("iteration").drop_nulls().unique()
+                   .collect()["iteration"].sort().to_list())
+        numbers = [0, *trained]
+    else:
+        try:
+            numbers = [int(x) for x in iters.split(",") if x.strip()]
+        except ValueError:
+            raise SelmError(f"--iters takes iterations separated by commas (0: the base "
+                            f"policy), e.g. 0,1,2; not {iters!r}") from None
+    return ([eval_policy(s, loaded, iteration=n) for n in numbers]
+            + [policy_from_text(s, loaded, p) for p in policy or []])
+
+
+@app.command("compare")
+def compare_cmd(
+    a: Annotated[str, typer.Argument(help="base, an iteration number, or a model reference.")],
+    b: Annotated[str, typer.Argument(help="base, an iteration number, or a model reference.")],
+    prompts: PromptsOpt = "alpaca_eval",
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    resamples: ResamplesOpt = 2000,
+    seed: SeedOpt = 0,
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Compare two policies' stored answers with the manifest's ranker, in both orders: win
+    rate of A over B and its length-controlled variant, with bootstrap intervals."""
+    from selm_data.evaluate import eval_sampling, load_prompt_set, policy_from_text
+    from selm_data.rank import make_ranker
+    from selm_data.winrates import compare_policies, render_pair, win_rate
+
+    loaded, s = _loaded(manifest, store)
+    prompt_set = load_prompt_set(prompts)
+    first, second = policy_from_text(s, loaded, a), policy_from_text(s, loaded, b)
+    ranker = make_ranker(loaded.ranker)
+    c = compare_policies(s, ranker, prompt_set, first, second,
+                         eval_sampling(loaded, max_tokens), limit=limit)
+    console.print(render_pair(first.label, second.label,
+                              win_rate(c.outcomes, resamples=resamples, seed=seed)))
+    console.print(f"ranker {ranker.name} ({ranker.version}); {c.scored} comparisons scored now, "
+                  f"{c.outcomes.win.size - c.scored} read from the store", highlight=False,
+                  soft_wrap=True)
+    if c.unscored or c.only_one:
+        console.print(f"{len(c.unscored)} questions unscored (rerun to retry), {c.only_one} "
+                      "answered by one policy only", highlight=False)
+
+
+@app.command("winrates")
+def winrates_cmd(
+    iters: Annotated[str | None, typer.Option(
+        help="Iterations, comma-separated (0: the base policy). Default: the base policy and "
+        "every iteration with a registered checkpoint.")] = None,
+    policy: Annotated[list[str] | None, typer.Option(
+        help="Also this model (a folder, Hub id or bundled:NAME); repeatable.")] = None,
+    prompts: PromptsOpt = "alpaca_eval",
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    plot_file: Annotated[Path | None, typer.Option(
+        "--plot", help="Also draw the matrix as a heat-map into this PNG.")] = None,
+    resamples: ResamplesOpt = 2000,
+    seed: SeedOpt = 0,
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """The pairwise win-rate matrix across iterations (as the SELM paper's Figure 2): every
+    pair compared by the manifest's ranker in both orders, length-controlled and raw, with
+    bootstrap intervals. Evaluate each policy first with `selm-data eval`."""
+    from selm_data.evaluate import eval_sampling, load_prompt_set
+    from selm_data.rank import make_ranker
+    from selm_data.winrates import plot_matrix, render_matrix, win_matrix
+
+    loaded, s = _loaded(manifest, store)
+    prompt_set = load_prompt_set(prompts)
+    policies = _policies(s, loaded, iters, policy)
+    if len(policies) < 2:
+        raise SelmError("the matrix needs two policies or more: train an iteration, or name "
+                        "them with --iters 0,1 and/or --policy PATH")
+    matrix = win_matrix(s, make_ranker(loaded.ranker), prompt_set, policies,
+                        eval_sampling(loaded, max_tokens), limit=limit, resamples=resamples,
+                        seed=seed)
+    console.print(render_matrix(matrix))
+    if plot_file is not None:
+        console.print(f"wrote {plot_matrix(matrix, plot_file)}", highlight=False)
 
 
 @sources_app.command("check")

@@ -200,6 +200,108 @@ def quarantine_stats(store: Store) -> pl.DataFrame:
     )
 
 
+# --- evaluations ----------------------------------------------------------------------------
+
+
+def _policy_label() -> pl.Expr:
+    return (pl.when(pl.col("iteration") == 0).then(pl.lit("base"))
+            .when(pl.col("iteration").is_not_null())
+            .then(pl.format("iter{}", pl.col("iteration")))
+            .otherwise(pl.col("policy")))
+
+
+def eval_stats(store: Store, *, iteration: int | None = None
+               ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """What `selm-data eval` and `compare`/`winrates` stored (of one iteration's policy, when
+    given). Answers: per prompt set, policy, max_tokens and turn, the ok and failed answers,
+    their mean characters and tokens and the share cut at max_tokens. Comparisons: per prompt
+    set, pair of policies (a, b: in answer-id order, as stored) and ranker, the questions
+    compared and a's win rate over both orders (intervals: `selm-data compare A B`)."""
+    answers = store.scan("eval_answers")
+    if iteration is not None:
+        answers = answers.filter(pl.col("iteration") == iteration)
+    answers = answers.with_columns(
+        label=_policy_label(), max_tokens=pl.col("sampling").struct.field("max_tokens"),
+        # iterations in their order (base first), then other models by name
+        order=pl.when(pl.col("iteration").is_not_null())
+        .then(pl.format("{}", pl.col("iteration").cast(pl.String).str.zfill(6)))
+        .otherwise(pl.format("~{}", pl.col("policy"))))
+    ok = pl.col("status") == "ok"
+    per_policy = (
+        answers.group_by("prompt_set", "label", "order", "policy_fingerprint", "max_tokens",
+                         "turn")
+        .agg(ok.sum().cast(pl.Int64).alias("answers"),
+             (~ok).sum().cast(pl.Int64).alias("failed"),
+             pl.col("text").str.len_chars().filter(ok).mean().alias("chars"),
+             pl.col("completion_tokens").filter(ok).mean().alias("tokens"),
+             (pl.col("finish_reason") == "length").filter(ok).mean().alias("cut"))
+        .sort("prompt_set", "order", "max_tokens", "turn").collect()
+    )
+    if per_policy.height == 0:
+        empty = pl.DataFrame(schema={"prompt_set": pl.String, "a": pl.String, "b": pl.String,
+                                     "ranker": pl.String, "compared": pl.Int64,
+                                     "win_a": pl.Float64})
+        return per_policy.drop("policy_fingerprint", "order"), empty
+    labels = dict(zip(per_policy["policy_fingerprint"].to_list(), per_policy["label"].to_list(),
+                      strict=True))
+    comparisons = store.scan("eval_comparisons")
+    if iteration is not None:
+        mine = list(labels)
+        comparisons = comparisons.filter(pl.col("policy_a_fingerprint").is_in(mine)
+                                         | pl.col("policy_b_fingerprint").is_in(mine))
+    # A stored comparison's a and b are in answer-id order; shown here with the earlier
+    # iteration (base first) as a, so each pair of policies is one row.
+    order = dict(zip(per_policy["policy_fingerprint"].to_list(), per_policy["order"].to_list(),
+                     strict=True))
+
+    def named(column: str) -> pl.Expr:
+        return (pl.col(column).replace_strict(labels, default=None)
+                .fill_null(pl.col(column).str.slice(0, 12)))
+
+    def rank(column: str) -> pl.Expr:
+        return pl.col(column).replace_strict(order, default=None).fill_null(named(column))
+
+    swap = rank("policy_a_fingerprint") > rank("policy_b_fingerprint")
+    compared = (
+        comparisons.collect()
+        .with_columns(a=pl.when(swap).then(named("policy_b_fingerprint"))
+                      .otherwise(named("policy_a_fingerprint")),
+                      b=pl.when(swap).then(named("policy_a_fingerprint"))
+                      .otherwise(named("policy_b_fingerprint")),
+                      win_a=pl.when(swap).then(1.0 - pl.col("win_a")).otherwise(pl.col("win_a")))
+        .group_by("prompt_set", "a", "b", "ranker")
+        .agg(pl.len().cast(pl.Int64).alias("compared"), pl.col("win_a").mean())
+        .sort("prompt_set", "a", "b", "ranker")
+    )
+    return per_policy.drop("policy_fingerprint", "order"), compared
+
+
+def render_eval_stats(answers: pl.DataFrame, compared: pl.DataFrame) -> Group:
+    """`eval_stats` as two tables."""
+    table = Table(title="evaluation answers")
+    for column in ("prompt set", "policy", "max tokens", "turn", "answers", "failed",
+                   "mean chars (tokens)", "cut at max tokens"):
+        table.add_column(column, justify="left" if column in ("prompt set", "policy")
+                         else "right")
+    for row in answers.iter_rows(named=True):
+        length = _num(row["chars"], 0) + ("" if row["tokens"] is None
+                                          else f" ({_num(row['tokens'], 0)})")
+        table.add_row(escape(row["prompt_set"]), escape(row["label"]), _int(row["max_tokens"]),
+                      str(row["turn"]), _int(row["answers"]), _int(row["failed"]), length,
+                      _pct(row["cut"]))
+    parts: list[Table] = [table]
+    if compared.height:
+        pairs = Table(title="evaluation comparisons (both orders)")
+        for column in ("prompt set", "a", "b", "ranker", "questions", "a's win rate"):
+            pairs.add_column(column, justify="right" if column in ("questions", "a's win rate")
+                             else "left")
+        for row in compared.iter_rows(named=True):
+            pairs.add_row(escape(row["prompt_set"]), escape(row["a"]), escape(row["b"]),
+                          escape(row["ranker"]), _int(row["compared"]), _pct(row["win_a"]))
+        parts.append(pairs)
+    return Group(*parts)
+
+
 # --- rendering ----------------------------------------------------------------------------
 
 Cell = Callable[[dict[str, Any]], str]
@@ -612,6 +714,6 @@ def render_diff(d: Diff) -> Group:
 
 
 __all__ = [
-    "COLUMNS", "Diff", "Side", "diff", "iteration_stats", "plot", "quarantine_stats",
-    "render_diff", "render_stats", "score_samples",
+    "COLUMNS", "Diff", "Side", "diff", "eval_stats", "iteration_stats", "plot",
+    "quarantine_stats", "render_diff", "render_eval_stats", "render_stats", "score_samples",
 ]

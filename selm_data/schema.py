@@ -9,6 +9,9 @@ deliberately not part of identity: a rerun with the same inputs is the same row.
 Lineage chain, upstream to downstream:
     prompts -> responses (policy, fingerprint, sampling, seed) -> judgments (ranker, version)
     -> pairs (rule) -> snapshots (table versions) -> checkpoints -> next iteration's responses
+Evaluation, beside it:
+    checkpoints (or the base policy) -> eval_answers (prompt set + hash, question, turn,
+    sampling) -> eval_comparisons (two policies' answers, ranker, version)
 """
 
 from __future__ import annotations
@@ -316,9 +319,98 @@ CHECKPOINTS = TableSpec(
     stats_columns=("checkpoint_id", "iteration", "snapshot_id", "run_id"),
 )
 
+EVAL_ANSWERS = TableSpec(
+    name="eval_answers",
+    description=(
+        "A policy's answer to one turn of an evaluation question (AlpacaEval, MT-Bench or a "
+        "prompt file), with the prompt set's hash, the policy checkpoint and the sampling."
+    ),
+    schema=pa.schema(
+        [
+            _field("answer_id", pa.string(), False),
+            _field("prompt_set", pa.string(), False),  # alpaca_eval, mt_bench or a file's name
+            _field("prompt_set_hash", pa.string(), False),  # content of the whole set
+            _field("question_id", pa.string(), False),  # the set's own id, as text
+            _field("category", pa.string()),  # MT-Bench category or AlpacaEval dataset
+            _field("turn", pa.int32(), False),  # 1, 2, ...
+            # What the policy was given: for turn 2, [user 1, its own answer 1, user 2].
+            _field("messages", MESSAGES, False),
+            _field("iteration", pa.int32()),  # the checkpoint's iteration; 0: the base policy
+            _field("policy", pa.string(), False),  # model id or checkpoint path
+            _field("policy_fingerprint", pa.string(), False),
+            _field("checkpoint_id", pa.string()),  # when the policy is a registered checkpoint
+            _field("backend", pa.string()),
+            _field("sampling", SAMPLING, False),
+            _field("status", pa.string(), False),  # one of RESPONSE_STATUSES
+            _field("error", pa.string()),
+            _field("text", pa.string()),
+            _field("prompt_tokens", pa.int32()),
+            _field("completion_tokens", pa.int32()),
+            _field("finish_reason", pa.string()),
+            *_bookkeeping(),
+        ]
+    ),
+    id_column="answer_id",
+    # The request defines an answer, as for `responses`; `messages` makes a second turn's id
+    # depend on the first answer it follows, and `status` keeps a retry beside its failure.
+    id_fields=("prompt_set_hash", "question_id", "turn", "messages", "policy_fingerprint",
+               "sampling", "status"),
+    references=(Reference("checkpoint_id", "checkpoints", "checkpoint_id"), _runs_ref()),
+    stats_columns=(
+        "answer_id", "prompt_set", "question_id", "turn", "iteration", "policy_fingerprint",
+        "status", "run_id",
+    ),
+)
+
+EVAL_COMPARISONS = TableSpec(
+    name="eval_comparisons",
+    description=(
+        "A ranker's comparison of two policies' answers to one evaluation question, scored in "
+        "both orders so that position bias cancels."
+    ),
+    schema=pa.schema(
+        [
+            _field("comparison_id", pa.string(), False),
+            _field("prompt_set", pa.string(), False),
+            _field("prompt_set_hash", pa.string(), False),
+            _field("question_id", pa.string(), False),
+            _field("turn", pa.int32(), False),
+            # a and b in the order of their answer ids (a < b), whichever was asked first
+            _field("answer_a_id", pa.string(), False),
+            _field("answer_b_id", pa.string(), False),
+            _field("policy_a_fingerprint", pa.string(), False),
+            _field("policy_b_fingerprint", pa.string(), False),
+            _field("ranker", pa.string(), False),
+            _field("ranker_version", pa.string()),
+            # the ranker's scores with a's answer first (candidates [a, b]) and b's first
+            _field("a_first_score_a", pa.float64(), False),
+            _field("a_first_score_b", pa.float64(), False),
+            _field("b_first_score_a", pa.float64(), False),
+            _field("b_first_score_b", pa.float64(), False),
+            _field("margin", pa.float64(), False),  # mean over both orders of score a - b
+            _field("win_a", pa.float64(), False),  # 1: a wins (margin > 0), 0.5: tie, 0: b
+            _field("chars_a", pa.int64(), False),  # answer lengths, for length control
+            _field("chars_b", pa.int64(), False),
+            *_bookkeeping(),
+        ]
+    ),
+    id_column="comparison_id",
+    id_fields=("answer_a_id", "answer_b_id", "ranker", "ranker_version"),
+    references=(
+        Reference("answer_a_id", "eval_answers", "answer_id"),
+        Reference("answer_b_id", "eval_answers", "answer_id"),
+        _runs_ref(),
+    ),
+    stats_columns=(
+        "comparison_id", "prompt_set", "question_id", "policy_a_fingerprint",
+        "policy_b_fingerprint", "run_id",
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (RUNS, PROMPTS, QUARANTINE, RESPONSES, JUDGMENTS, PAIRS, SNAPSHOTS, CHECKPOINTS)
+    for spec in (RUNS, PROMPTS, QUARANTINE, RESPONSES, JUDGMENTS, PAIRS, SNAPSHOTS, CHECKPOINTS,
+                 EVAL_ANSWERS, EVAL_COMPARISONS)
 }
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selm_data.schema import RESPONSES, SNAPSHOTS, content_id, row_id
+from selm_data.schema import (
+    CHECKPOINTS,
+    EVAL_ANSWERS,
+    EVAL_COMPARISONS,
+    RESPONSES,
+    SNAPSHOTS,
+    content_id,
+    row_id,
+)
 from selm_data.snapshot import files_hash
 from selm_data.store import Store
 
@@ -14,13 +22,16 @@ Rows = dict[str, list[dict]]
 # Order in which a chain is written so every reference resolves.
 WRITE_ORDER = (
     "prompts", "quarantine", "responses", "judgments", "pairs", "snapshots", "checkpoints",
+    "eval_answers", "eval_comparisons",
 )
 
 
 def chain_rows(iteration: int, n_prompts: int, *, tag: str = "", policy_fingerprint: str = "f00d"
                ) -> Rows:
     """One iteration's worth of consistent rows in every table: prompts, the three candidate
-    responses of each prompt, their ranking, the best-worst pair, a snapshot and a checkpoint."""
+    responses of each prompt, their ranking, the best-worst pair, a snapshot and a checkpoint;
+    then the base policy's and the checkpoint's answers to one evaluation question per prompt,
+    and their comparison."""
     rows: Rows = {t: [] for t in ("prompts", "responses", "judgments", "pairs")}
     rows["quarantine"] = [
         {"source": "tests", "source_revision": None, "source_split": "train",
@@ -78,7 +89,47 @@ def chain_rows(iteration: int, n_prompts: int, *, tag: str = "", policy_fingerpr
          "fingerprint": f"w{iteration}{tag}", "snapshot_id": snapshot_id,
          "base_model": "tiny-llama", "loss": "selm", "config": "{}"}
     ]
+    rows["eval_answers"], rows["eval_comparisons"] = _eval_rows(
+        iteration, n_prompts, tag, policy_fingerprint, rows["checkpoints"][0], sampling)
     return rows
+
+
+def _eval_rows(iteration: int, n: int, tag: str, base_fingerprint: str, checkpoint: dict,
+               sampling: dict) -> tuple[list[dict], list[dict]]:
+    checkpoint_id = row_id(CHECKPOINTS, checkpoint)
+    answers, comparisons = [], []
+    for i in range(n):
+        question = f"{tag}{iteration}-{i}"
+        messages = [{"role": "user", "content": f"eval question {question}"}]
+        pair = []
+        policies = ((base_fingerprint, 0, None),
+                    (checkpoint["fingerprint"], iteration, checkpoint_id))
+        for k, (fingerprint, it, ckpt) in enumerate(policies):
+            answer = {
+                "prompt_set": "tests", "prompt_set_hash": f"set-{tag}", "question_id": question,
+                "category": "writing", "turn": 1, "messages": messages, "iteration": it,
+                "policy": "tiny-llama" if ckpt is None else checkpoint["path"],
+                "policy_fingerprint": fingerprint, "checkpoint_id": ckpt,
+                "backend": "transformers", "sampling": sampling, "status": "ok",
+                "text": f"answer {k} to {question}", "completion_tokens": 4,
+                "finish_reason": "stop",
+            }
+            answer["answer_id"] = row_id(EVAL_ANSWERS, answer)
+            answers.append(answer)
+            pair.append(answer)
+        a, b = sorted(pair, key=lambda r: r["answer_id"])
+        comparison = {
+            "prompt_set": "tests", "prompt_set_hash": f"set-{tag}", "question_id": question,
+            "turn": 1, "answer_a_id": a["answer_id"], "answer_b_id": b["answer_id"],
+            "policy_a_fingerprint": a["policy_fingerprint"],
+            "policy_b_fingerprint": b["policy_fingerprint"], "ranker": "test-ranker",
+            "ranker_version": "1", "a_first_score_a": 0.5, "a_first_score_b": 0.25,
+            "b_first_score_a": 0.75, "b_first_score_b": 0.0, "margin": 0.5, "win_a": 1.0,
+            "chars_a": len(a["text"]), "chars_b": len(b["text"]),
+        }
+        comparison["comparison_id"] = row_id(EVAL_COMPARISONS, comparison)
+        comparisons.append(comparison)
+    return answers, comparisons
 
 
 def write_chain(store: Store, rows: Rows) -> dict:

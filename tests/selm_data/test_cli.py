@@ -42,7 +42,7 @@ def manifest(tmp_path: Path) -> Path:
 
 def test_help_on_every_command(tmp_path):
     for args in ([], ["init"], ["status"], ["log"], ["verify"], ["export"], ["lineage"],
-                 ["inspect"], ["diff"], ["push"]):
+                 ["inspect"], ["diff"], ["push"], ["eval"], ["compare"], ["winrates"]):
         out = run("selm-data", *args, "--help", cwd=tmp_path).stdout
         assert "Usage: selm-data" in out
         assert "--manifest" in out or not args

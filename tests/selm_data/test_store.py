@@ -46,6 +46,9 @@ def _derived_id(table: str, row: dict) -> str:
         "pairs": ["ranking_id", "rule", "chosen_id", "rejected_id"],
         "snapshots": ["name", "content_hash"],
         "checkpoints": ["path", "fingerprint"],
+        "eval_answers": ["prompt_set_hash", "question_id", "turn", "messages",
+                         "policy_fingerprint", "sampling", "status"],
+        "eval_comparisons": ["answer_a_id", "answer_b_id", "ranker", "ranker_version"],
     }[table]
     payload = {"fields": {f: row[f] for f in fields}, "kind": table}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
