@@ -166,8 +166,8 @@ def init_distributed(*, device: Device | None = None) -> DistInfo:
 
     Under `torchrun` or the `deepspeed` launcher their RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT are used as they are. A plain single process (no RANK, and no
-    MPI launcher's OMPI_COMM_WORLD_RANK) gets a world of one on 127.0.0.1 and a free port:
-    without them DeepSpeed goes looking for mpi4py.
+    MPI launcher's OMPI_COMM_WORLD_RANK) gets a world of one in an in-memory store, and the
+    variables set (without them DeepSpeed goes looking for mpi4py).
 
     On CPU, DeepSpeed's shared-memory all-reduce (`deepspeed_shm_comm`, a C++ extension
     compiled at first use: about a minute on 2 cores) is switched off before the process group
@@ -177,12 +177,20 @@ def init_distributed(*, device: Device | None = None) -> DistInfo:
     import deepspeed
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+    backend = "gloo" if device == "cpu" else "nccl"
+    alone = "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ
+    if alone:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if device == "cpu":
         _skip_shm_comm()
-    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    if alone and not torch.distributed.is_initialized():
+        # A world of one meets in an in-memory store, not on a TCP port: two plain processes
+        # starting at once could otherwise pick the same free port (EADDRINUSE). DeepSpeed
+        # adopts a process group that exists.
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(),
+                                             rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend)
     rank = torch.distributed.get_rank()
     world_size = torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
