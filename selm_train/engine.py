@@ -161,6 +161,9 @@ class DistInfo:
     device: torch.device  # where this process's model and batches go
 
 
+_alone = False  # this process made its own world of one (never inherited by a child process)
+
+
 def init_distributed(*, device: Device | None = None) -> DistInfo:
     """Join (or make) the process group: gloo on CPU, nccl on GPU.
 
@@ -178,10 +181,14 @@ def init_distributed(*, device: Device | None = None) -> DistInfo:
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backend = "gloo" if device == "cpu" else "nccl"
-    alone = "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ
+    global _alone
+    # alone: a world of one, set up here (no launcher's variables), or inherited from a parent
+    # that set them up so (its MASTER_PORT may be long gone), or a launcher's world of one
+    _alone = _alone or ("RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ)
+    alone = _alone or os.environ.get("WORLD_SIZE") == "1"
     if alone:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
     if device == "cpu":
         _skip_shm_comm()
     if alone and not torch.distributed.is_initialized():
