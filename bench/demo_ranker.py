@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from selm_data.demo_ranker import (
+from selm_data.rankers.demo import (
     RECIPE,
     Embedder,
     demo_pairs,
@@ -41,7 +41,7 @@ from selm_data.demo_ranker import (
     pairwise_accuracy,
     prompt_text,
 )
-from selm_data.sources import Example
+from selm_data.sources.dataset import Example
 
 Row = tuple[str, float, int]  # method, held-out accuracy, pairs
 

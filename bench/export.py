@@ -29,9 +29,9 @@ from pathlib import Path
 import polars as pl
 
 from selm_data.manifest import BUNDLED_DATA
-from selm_data.schema import RESPONSES, content_id, row_id
-from selm_data.snapshot import export
-from selm_data.store import RunInfo, Store, open_store
+from selm_data.publish.snapshot import export
+from selm_data.store.schema import RESPONSES, content_id, row_id
+from selm_data.store.store import RunInfo, Store, open_store
 
 GOAL = 1.5
 

@@ -36,11 +36,11 @@ from pathlib import Path
 import polars as pl
 from overhead import DoubleRanker
 
-from selm_data.build import build
-from selm_data.generate import VLLMGenerator
+from selm_data.builder.iteration import build
+from selm_data.generation.backends import VLLMGenerator
+from selm_data.generation.models import resolve_policy
 from selm_data.manifest import BUNDLED_DATA, Manifest, PolicySpec, VllmSpec
-from selm_data.models import resolve_policy
-from selm_data.store import RunInfo, open_store
+from selm_data.store.store import RunInfo, open_store
 
 GOAL = 0.9
 MODEL = "bundled:smollm2-135m-instruct"

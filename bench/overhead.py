@@ -46,11 +46,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from selm_data.build import BuildReport, build
-from selm_data.generate import GenerationRequest, GenerationResult
+from selm_data.builder.iteration import BuildReport, build
+from selm_data.generation.backends import GenerationRequest, GenerationResult
 from selm_data.manifest import BUNDLED_DATA, Manifest
-from selm_data.rank import RankRequest
-from selm_data.store import RunInfo, open_store
+from selm_data.rankers.base import RankRequest
+from selm_data.store.store import RunInfo, open_store
 
 ROWS = BUNDLED_DATA / "ultrafeedback_binarized_1000.jsonl"
 GOAL = 1.25  # ms/prompt at any size, relative to the smallest size

@@ -6,7 +6,7 @@ alternating so that a noisy neighbour slows both alike):
 - baseline: `blender.rank(prompts, candidates, return_scores=True, batch_size=8)`, exactly as the
   SELM code calls it (`scripts/online_feedback.py`), on the Blender that PairRMRanker wraps;
 - ours: `PairRMRanker.score(requests)` with `batch_size` 8: the same collation, the same
-  `_forward`, regrouped into length-sorted forwards (see selm_data/pairrm.py).
+  `_forward`, regrouped into length-sorted forwards (see selm_data/rankers/pairrm.py).
 Reported: seconds each, the ratio ours / baseline, how many prompts get the identical ranking
 (`pairing.ranks` of both score lists), the largest score difference, and the tokens each method
 pushes through the model, padding included (counted from the same collated batches).
@@ -44,10 +44,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selm_data.builder.pairing import ranks
 from selm_data.manifest import BUNDLED_DATA
-from selm_data.pairing import ranks
-from selm_data.pairrm import PairRMRanker, import_llm_blender, load_pairrm, render_prompt
-from selm_data.rank import RankRequest
+from selm_data.rankers.base import RankRequest
+from selm_data.rankers.pairrm import PairRMRanker, import_llm_blender, load_pairrm, render_prompt
 
 ROWS = BUNDLED_DATA / "ultrafeedback_binarized_1000.jsonl"
 BATCH_SIZE = 8  # the paper's (Blender.rank's default, as online_feedback.py calls it)

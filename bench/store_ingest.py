@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from selm_data.schema import RESPONSES, SAMPLING, row_ids
-from selm_data.store import RunInfo, open_store
+from selm_data.store.schema import RESPONSES, SAMPLING, row_ids
+from selm_data.store.store import RunInfo, open_store
 
 ITERATIONS = 3
 POOL_SIZE = 20_000

@@ -47,11 +47,11 @@ def setup(root: Path, args: argparse.Namespace) -> tuple[str, Path]:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from selm_data.generation.models import resolve_policy
     from selm_data.manifest import BUNDLED_DATA
-    from selm_data.models import resolve_policy
-    from selm_data.schema import RESPONSES, content_id, row_id
-    from selm_data.snapshot import export
-    from selm_data.store import RunInfo, open_store
+    from selm_data.publish.snapshot import export
+    from selm_data.store.schema import RESPONSES, content_id, row_id
+    from selm_data.store.store import RunInfo, open_store
 
     tok = AutoTokenizer.from_pretrained(resolve_policy("bundled:smollm2-135m-instruct").path)
     torch.manual_seed(0)

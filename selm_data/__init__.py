@@ -7,8 +7,8 @@
 
 from selm_data.errors import LeaseHeldError, ManifestError, SelmError, StoreError
 from selm_data.manifest import Manifest, load_manifest
-from selm_data.schema import TABLES, content_id, row_id
-from selm_data.store import RunInfo, Store, open_store, package_version
+from selm_data.store.schema import TABLES, content_id, row_id
+from selm_data.store.store import RunInfo, Store, open_store, package_version
 from selm_data.verify import verify
 
 __version__ = package_version()

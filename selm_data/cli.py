@@ -6,7 +6,6 @@ An entry point: it parses arguments and calls the library; nothing imports it.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -17,17 +16,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from selm_data.build import BuildReport, Shard, build
+from selm_data.builder.iteration import BuildReport, Shard, build
 from selm_data.errors import SelmError
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
-from selm_data.schema import TABLES
-from selm_data.snapshot import POLICY_RULE, Filters, export
-from selm_data.sources import LAYOUTS, load_source
-from selm_data.store import RunInfo, Store, open_store
+from selm_data.publish.snapshot import POLICY_RULE, Filters, export
+from selm_data.sources.dataset import LAYOUTS, load_source
+from selm_data.store.schema import TABLES
+from selm_data.store.store import RunInfo, Store, command_line, open_store
 from selm_data.verify import verify
 
 if TYPE_CHECKING:
-    from selm_data.evaluate import EvalPolicy
+    from selm_data.evaluate.answers import EvalPolicy
 
 app = typer.Typer(
     help="Build, inspect and check the preference data of online iterative alignment.",
@@ -52,27 +51,6 @@ StoreOpt = Annotated[
     typer.Option("--store", "-s", help="Store folder. Default: the manifest's `store`."),
 ]
 
-_SECRET_FLAG = re.compile(r"^--?[\w-]*(token|key|secret|password)[\w-]*", re.IGNORECASE)
-
-
-def command_line(argv: list[str] | None = None) -> str:
-    """This invocation as text for the store's metadata, with secret-looking values redacted."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    out = ["selm-data"]
-    redact_next = False
-    for arg in args:
-        if redact_next:
-            out.append("***")
-            redact_next = False
-        elif _SECRET_FLAG.match(arg):
-            flag, eq, _ = arg.partition("=")
-            out.append(f"{flag}=***" if eq else flag)
-            redact_next = not eq
-        else:
-            out.append(arg)
-    return " ".join(out)
-
-
 def _resolve(store: Path | None, manifest: Path | None) -> tuple[Path, Manifest | None]:
     """The store to use, and the manifest when one was given or found."""
     if store is not None and manifest is None:
@@ -82,11 +60,7 @@ def _resolve(store: Path | None, manifest: Path | None) -> tuple[Path, Manifest 
 
 
 def _run_info(manifest: Manifest | None) -> RunInfo:
-    if manifest is None:
-        return RunInfo.new(command_line())
-    return RunInfo.new(
-        command_line(), manifest_hash=manifest.hash(), manifest_json=manifest.canonical_json()
-    )
+    return RunInfo.new(command_line()) if manifest is None else manifest.run_info(command_line())
 
 
 def _open(store: Path | None, manifest: Path | None, *, create: bool = False) -> Store:
@@ -248,7 +222,7 @@ def push_cmd(
 ) -> None:
     """Push a snapshot to the Hugging Face Hub: its shards, a dataset card and a lineage file in
     one commit. The token comes from HF_TOKEN or `hf auth login`, never from a flag."""
-    from selm_data import hub
+    from selm_data.publish import hub
 
     s = _open(store, manifest)
     if dry_run is not None:
@@ -278,10 +252,10 @@ def inspect_cmd(
     """Per iteration: counts, how often y_ref beat, tied or lost to the dataset's pair, score
     and margin distributions, response lengths, quarantine and failures; then the evaluation
     answers and comparisons (`selm-data eval`, `compare`, `winrates`)."""
-    from selm_data.inspect import (
+    from selm_data.publish.plots import plot
+    from selm_data.publish.stats import (
         eval_stats,
         iteration_stats,
-        plot,
         quarantine_stats,
         render_eval_stats,
         render_stats,
@@ -311,7 +285,7 @@ def diff_cmd(
 ) -> None:
     """What changed between two iterations or two snapshots: prompts and pairs on each side,
     chosen and rejected texts that changed, margins, ties and win rates."""
-    from selm_data.inspect import diff, render_diff
+    from selm_data.publish.diff import diff, render_diff
 
     console.print(render_diff(diff(_open(store, manifest), a, b)))
 
@@ -327,7 +301,7 @@ def lineage_cmd(
 ) -> None:
     """Where a row came from (source row, policy and sampling, ranker, rule) and what was made
     from it (pairs, snapshots, checkpoints, the next iteration's responses, evaluations)."""
-    from selm_data.lineage import lineage, render
+    from selm_data.publish.lineage import lineage, render
 
     node = lineage(_open(store, manifest), row_id)
     if as_json:
@@ -468,7 +442,7 @@ def eval_cmd(
     """Generate a policy's answers to AlpacaEval, MT-Bench or a prompt file (greedy), store
     them with their lineage, and write them as AlpacaEval's model_outputs.json or FastChat's
     answer jsonl for the official judges. Rerun to resume: stored answers are kept."""
-    from selm_data.evaluate import (
+    from selm_data.evaluate.answers import (
         check_name,
         default_name,
         eval_policy,
@@ -530,7 +504,7 @@ def eval_cmd(
 def _policies(s: Store, loaded: Manifest, iters: str | None,
               policy: list[str] | None) -> list[EvalPolicy]:
     """--iters (default: base and every trained iteration), then each --policy."""
-    from selm_data.evaluate import eval_policy, policy_from_text
+    from selm_data.evaluate.answers import eval_policy, policy_from_text
 
     if iters is None:
         trained = (s.scan("checkpoints").select("iteration").drop_nulls().unique()
@@ -560,9 +534,9 @@ def compare_cmd(
 ) -> None:
     """Compare two policies' stored answers with the manifest's ranker, in both orders: win
     rate of A over B and its length-controlled variant, with bootstrap intervals."""
-    from selm_data.evaluate import eval_sampling, load_prompt_set, policy_from_text
-    from selm_data.rank import make_ranker
-    from selm_data.winrates import compare_policies, render_pair, win_rate
+    from selm_data.evaluate.answers import eval_sampling, load_prompt_set, policy_from_text
+    from selm_data.evaluate.winrates import compare_policies, render_pair, win_rate
+    from selm_data.rankers.factory import make_ranker
 
     loaded, s = _loaded(manifest, store)
     prompt_set = load_prompt_set(prompts)
@@ -600,9 +574,9 @@ def winrates_cmd(
     """The pairwise win-rate matrix across iterations (as the SELM paper's Figure 2): every
     pair compared by the manifest's ranker in both orders, length-controlled and raw, with
     bootstrap intervals. Evaluate each policy first with `selm-data eval`."""
-    from selm_data.evaluate import eval_sampling, load_prompt_set
-    from selm_data.rank import make_ranker
-    from selm_data.winrates import plot_matrix, render_matrix, win_matrix
+    from selm_data.evaluate.answers import eval_sampling, load_prompt_set
+    from selm_data.evaluate.winrates import plot_matrix, render_matrix, win_matrix
+    from selm_data.rankers.factory import make_ranker
 
     loaded, s = _loaded(manifest, store)
     prompt_set = load_prompt_set(prompts)

@@ -27,7 +27,8 @@ from pydantic import (
 )
 
 from selm_data.errors import ManifestError
-from selm_data.schema import canonical_json
+from selm_data.store.schema import canonical_json
+from selm_data.store.store import RunInfo
 
 BUNDLED_DATA = Path(__file__).parent / "data"
 DEFAULT_MANIFESTS = ("selm.yaml", "manifests/demo.yaml")
@@ -239,7 +240,7 @@ class Manifest(_Spec):
     train: TrainSpec = TrainSpec()
     iterations: list[IterationSpec] = Field(min_length=1)
     # Prompts a build generates, ranks and commits at once: the unit of resume. Large, because
-    # every Delta commit costs more as a table gathers files (see build.py).
+    # every Delta commit costs more as a table gathers files (see builder/iteration.py).
     commit_every: PositiveInt = 256
 
     @model_validator(mode="before")
@@ -319,6 +320,10 @@ class Manifest(_Spec):
     def hash(self) -> str:
         """Identity of the recipe: sha256 of its canonical JSON (formatting does not count)."""
         return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()[:16]
+
+    def run_info(self, command: str) -> RunInfo:
+        """Who writes under this manifest: the command, with the manifest's hash and text."""
+        return RunInfo.new(command, manifest_hash=self.hash(), manifest_json=self.canonical_json())
 
     def canonical_json(self) -> str:
         return canonical_json(self.model_dump(mode="json"))

@@ -13,8 +13,8 @@ from urllib.parse import unquote
 import polars as pl
 import pyarrow as pa
 
-from selm_data.schema import TABLES, TableSpec
-from selm_data.store import Store
+from selm_data.store.schema import TABLES, TableSpec
+from selm_data.store.store import Store
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def verify(store: Store) -> list[Problem]:
 
 def _check_snapshot_files(store: Store) -> list[Problem]:
     """Each snapshot's files still hash to its recorded content hash."""
-    from selm_data.snapshot import check_snapshot
+    from selm_data.publish.snapshot import check_snapshot
 
     return [Problem("snapshots", "snapshot files", detail)
             for row in store.scan("snapshots").collect().iter_rows(named=True)

@@ -24,9 +24,9 @@ from typing import Any
 import polars as pl
 
 from selm_data.errors import SelmError
-from selm_data.models import fingerprint_folder
-from selm_data.schema import CHECKPOINTS, canonical_json, row_id
-from selm_data.store import Store, package_version
+from selm_data.generation.models import fingerprint_folder
+from selm_data.store.schema import CHECKPOINTS, canonical_json, row_id
+from selm_data.store.store import Store, package_version
 
 LINEAGE_FILE = "selm_checkpoint.json"
 

@@ -93,8 +93,8 @@ def train_cmd(
 ) -> None:
     """Train on a snapshot with the manifest's loss (dpo, ipo, selm or sail); write and
     register a checkpoint that records the snapshot."""
-    from selm_data.build import policy_for
-    from selm_data.store import open_store
+    from selm_data.builder.iteration import policy_for
+    from selm_data.store.store import open_store
     from selm_train.data import resolve_snapshot
     from selm_train.train import train
 
@@ -134,12 +134,11 @@ def loop_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
     from rich.progress import Progress as Bar
 
-    from selm_data.cli import _run_info
-    from selm_data.store import open_store
+    from selm_data.store.store import command_line, open_store
     from selm_train.loop import run_loop
 
     m = load_manifest(find_manifest(manifest))
-    store = open_store(m.store, create=True, run=_run_info(m))
+    store = open_store(m.store, create=True, run=m.run_info(command_line(program="selm-train")))
     with Bar("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
              TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("build", total=None)

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 from selm_data.errors import SelmError
-from selm_data.schema import SNAPSHOTS, row_id
-from selm_data.snapshot import LAYOUTS, Layout, files_hash, snapshot_names, snapshot_row
-from selm_data.store import MARKER, open_store
+from selm_data.publish.snapshot import LAYOUTS, Layout, files_hash, snapshot_names, snapshot_row
+from selm_data.store.schema import SNAPSHOTS, row_id
+from selm_data.store.store import MARKER, open_store
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import polars as pl
 
-from selm_data.build import BuildReport, Progress, build, policy_for
+from selm_data.builder.iteration import BuildReport, Progress, build, policy_for
 from selm_data.manifest import Manifest
-from selm_data.snapshot import export
-from selm_data.store import Store
+from selm_data.publish.snapshot import export
+from selm_data.store.store import Store
 from selm_train.checkpoint import LINEAGE_FILE, register_checkpoint
 from selm_train.train import Progress as TrainProgress
 from selm_train.train import train

@@ -30,10 +30,10 @@ import polars as pl
 import torch
 
 from selm_data.errors import SelmError
+from selm_data.generation.models import ResolvedModel, resolve_policy
 from selm_data.manifest import TrainSpec
-from selm_data.models import ResolvedModel, resolve_policy
-from selm_data.schema import canonical_json
-from selm_data.store import open_store
+from selm_data.store.schema import canonical_json
+from selm_data.store.store import open_store
 from selm_train.checkpoint import (
     CheckpointInfo,
     parent_checkpoint,

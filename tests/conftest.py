@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from selm_data.store import RunInfo, Store, open_store
+from selm_data.store.store import RunInfo, Store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

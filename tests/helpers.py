@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selm_data.schema import (
+from selm_data.publish.snapshot import files_hash
+from selm_data.store.schema import (
     CHECKPOINTS,
     EVAL_ANSWERS,
     EVAL_COMPARISONS,
@@ -14,8 +15,7 @@ from selm_data.schema import (
     content_id,
     row_id,
 )
-from selm_data.snapshot import files_hash
-from selm_data.store import Store
+from selm_data.store.store import Store
 
 Rows = dict[str, list[dict]]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from helpers import chain_rows, write_chain
 from selm_data import open_store
-from selm_data.store import RunInfo
+from selm_data.store.store import RunInfo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

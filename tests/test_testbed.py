@@ -13,8 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from selm_data.rank import RankRequest
-from selm_data.store import open_store
+from selm_data.rankers.base import RankRequest
+from selm_data.store.store import open_store
 from selm_data.verify import verify
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"

@@ -22,11 +22,11 @@ from typing import Any
 
 import polars as pl
 
-from selm_data.build import build, policy_for
-from selm_data.generate import TransformersGenerator, requests_for
+from selm_data.builder.iteration import build, policy_for
+from selm_data.generation.backends import TransformersGenerator, requests_for
 from selm_data.manifest import GenerationSpec, Manifest, PolicySpec
-from selm_data.snapshot import export
-from selm_data.store import RunInfo, Store, open_store
+from selm_data.publish.snapshot import export
+from selm_data.store.store import RunInfo, Store, open_store
 from selm_train.loop import checkpoint_folder
 from selm_train.train import train
 from testbed.policy import MAX_NEW_TOKENS, sample

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from selm_data.rank import RankRequest
+from selm_data.rankers.base import RankRequest
 
 TOPIC_WORDS = tuple(f"x{i}" for i in range(24))
 ANSWER_WORDS = tuple(f"w{i}" for i in range(32))

@@ -14,7 +14,7 @@ from helpers import chain_rows, write_chain
 from selm_data import open_store
 from selm_data.cli import command_line
 from selm_data.manifest import load_manifest
-from selm_data.store import RunInfo
+from selm_data.store.store import RunInfo
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

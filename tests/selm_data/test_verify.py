@@ -8,8 +8,8 @@ from deltalake import DeltaTable, write_deltalake
 
 from helpers import chain_rows
 from helpers import write_chain as write_rows
-from selm_data import verify
-from selm_data.schema import PROMPTS, conform
+from selm_data.store.schema import PROMPTS, conform
+from selm_data.verify import verify
 
 
 def write_chain(store, iteration=1, n=3):

@@ -10,12 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chain_rows, write_chain
-from selm_data.build import policy_for
+from selm_data.builder.iteration import policy_for
 from selm_data.errors import SelmError
-from selm_data.lineage import lineage
+from selm_data.generation.models import resolve_policy
 from selm_data.manifest import Manifest
-from selm_data.models import resolve_policy
-from selm_data.snapshot import export
+from selm_data.publish.lineage import lineage
+from selm_data.publish.snapshot import export
 from selm_train.checkpoint import (
     LINEAGE_FILE,
     CheckpointInfo,

@@ -17,8 +17,8 @@ import torch
 
 from helpers import chain_rows, write_chain
 from selm_data.errors import SelmError
-from selm_data.schema import PAIRS, SNAPSHOTS, row_id
-from selm_data.snapshot import export
+from selm_data.publish.snapshot import export
+from selm_data.store.schema import PAIRS, SNAPSHOTS, row_id
 from selm_train.data import (
     Batch,
     PreferenceExample,

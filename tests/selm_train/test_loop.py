@@ -7,9 +7,9 @@ import polars as pl
 import pytest
 
 from helpers import manifest_dict, require
-from selm_data.lineage import lineage
 from selm_data.manifest import Manifest
-from selm_data.store import RunInfo, open_store
+from selm_data.publish.lineage import lineage
+from selm_data.store.store import RunInfo, open_store
 from selm_train.loop import run_loop
 
 pytestmark = pytest.mark.slow

@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import manifest_dict, require
-from selm_data.build import build
+from selm_data.builder.iteration import build
 from selm_data.errors import SelmError
-from selm_data.generate import GenerationResult
-from selm_data.lineage import lineage
+from selm_data.generation.backends import GenerationResult
 from selm_data.manifest import Manifest, SailSpec, TrainSpec
-from selm_data.snapshot import export
-from selm_data.store import RunInfo, open_store
+from selm_data.publish.lineage import lineage
+from selm_data.publish.snapshot import export
+from selm_data.store.store import RunInfo, open_store
 from selm_train.data import read_examples, resolve_snapshot, tokenize
 from selm_train.losses import ROUTE_DP, ROUTE_DPO, ROUTE_PP, ROUTE_PR, LossOutput
 from selm_train.train import REFERENCE_DIR, _stop_if_nonfinite, sail_plan, train

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import chain_rows, require
+from selm_data.generation.models import resolve_policy
 from selm_data.manifest import TrainSpec
-from selm_data.models import resolve_policy
-from selm_data.snapshot import export
+from selm_data.publish.snapshot import export
 from selm_train.train import REFERENCE_DIR, train
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,381 @@
+"""Snapshots: an iteration's pairs frozen as Parquet files that any trainer reads.
+
+`export` reads the pairs of one iteration at the store's current table versions (recorded),
+joins the prompt and the three texts, applies the filters, and writes the rows sorted by
+`pair_id` under `<store>/exports/<name>/` with a `snapshot.json` beside them. The content hash
+is the sha256 over the files' names and sha256s; the same inputs and filters write the same
+bytes (with the same pyarrow: another Parquet writer may encode differently), so exporting
+again gives the same hash and adds nothing. A name is never reused for other
+content, files are made read-only, and `selm-data verify` rehashes them.
+
+Two layouts, each with what SELM and lineage need besides (`reference`: y_ref, for the SELM
+loss; `score_reference`, `margin`, `is_tie`, and the store ids):
+
+- `ultrafeedback` (default): the Hub's UltraFeedback-binarized columns (`prompt` as the last
+  user turn's text, `prompt_id`, `chosen` and `rejected` as whole conversations, `messages` =
+  `chosen`, `score_chosen`, `score_rejected`), which alignment-handbook recipes read.
+- `trl`: TRL's explicit-prompt conversational preference format (`prompt` = the prompt turns,
+  `chosen` / `rejected` / `reference` = the one assistant turn). TRL's DPOTrainer (1.16) does
+  not accept the UltraFeedback layout: with a string `prompt` beside conversational
+  `chosen`, its data preparation fails (TypeError or AttributeError, by set order).
+
+An iteration built with `pairing.rule: sail` holds two pairs a prompt (builder). Its snapshot
+keeps one row a prompt: the dataset pair (`sail_dataset`) in the usual columns, so every reader
+of the other snapshots reads it unchanged, and beside it the policy pair in `POLICY_COLUMNS`
+(`policy_chosen` / `policy_rejected` in the layout's message format, their scores and ids,
+`policy_is_tie`, and `policy_swapped`: the ranker's order is (y_1, y_0), so undoing the swap
+gives the samples in their original order, for SAIL-PP). snapshot.json says `policy_pair: true`.
+Other iterations' snapshots have no such columns, so their bytes and hashes are as before. The
+filters select rows by the dataset pair (`is_tie`, `margin`); the policy pair is kept as it is,
+its ties flagged in `policy_is_tie`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selm_data.errors import SelmError
+from selm_data.store.schema import MESSAGES, canonical_json
+from selm_data.store.store import Store, package_version
+
+EXPORTS = "exports"
+READS = ("prompts", "responses", "judgments", "pairs")
+ROWS_PER_FILE = 250_000
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+Layout = Literal["ultrafeedback", "trl"]
+LAYOUTS: tuple[Layout, ...] = ("ultrafeedback", "trl")
+POLICY_RULE = "sail_policy"  # the pairs rule of SAIL's policy pair: a column group, not a row
+POLICY_COLUMNS = ("policy_chosen", "policy_rejected", "score_policy_chosen",
+                  "score_policy_rejected", "policy_is_tie", "policy_swapped", "policy_pair_id",
+                  "policy_chosen_id", "policy_rejected_id")
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which rows an export keeps, judged by the row's (dataset) pair, never the policy pair."""
+
+    drop_ties: bool = False
+    min_margin: float | None = None  # keep pairs whose margin is at least this
+
+    def as_json(self) -> str:
+        return canonical_json(asdict(self))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    name: str
+    iteration: int
+    path: Path
+    files: list[str]  # relative to path
+    row_count: int
+    content_hash: str
+    table_versions: dict[str, int]
+    filters: Filters
+    layout: Layout
+    created: bool  # False: the same snapshot existed already
+    policy_pair: bool = False  # rows carry SAIL's policy pair (POLICY_COLUMNS)
+
+
+def export(store: Store, iteration: int, *, name: str | None = None,
+           filters: Filters = Filters(), layout: Layout = "ultrafeedback") -> Snapshot:
+    """Export iteration `iteration`'s pairs as a snapshot (see the module docstring).
+
+    Raises:
+        SelmError: no pairs (after the filters), a bad name, or a name already used for
+            other content.
+    """
+    if name is not None and not _NAME.fullmatch(name):
+        raise SelmError(f"snapshot name {name!r}: use letters, digits, '.', '_' and '-' "
+                        "(up to 100), starting with a letter or digit")
+    if layout not in LAYOUTS:
+        raise SelmError(f"snapshot layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    versions = {t: store.version(t) for t in READS}
+    table = snapshot_table(store, iteration, versions, filters, layout)
+    if table.num_rows == 0 and filters != Filters():
+        raise SelmError(f"no pair of iteration {iteration} passes the filters {filters}")
+    if table.num_rows == 0:
+        raise SelmError(f"iteration {iteration} has no pairs; build them first: "
+                        f"`selm-data build --iter {iteration}`")
+    root = store.root / EXPORTS
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        files = _write_files(table, staging)
+        content_hash = files_hash(staging, files)
+        name = name or f"iter{iteration}-{content_hash[:8]}"
+        with store.claim(f"export/{name}"):
+            existing = _registered(store, name)
+            if existing is not None:
+                if existing["content_hash"] != content_hash:
+                    raise SelmError(
+                        f"snapshot {name!r} exists with other content (hash "
+                        f"{existing['content_hash'][:12]}, this export {content_hash[:12]}); "
+                        "snapshots are never overwritten: pick another --name")
+                return _snapshot(store, existing, created=False)
+            final = root / name
+            if final.exists():  # a crash between the move and the commit: never registered
+                shutil.rmtree(final)
+            meta = {"name": name, "iteration": iteration, "content_hash": content_hash,
+                    "row_count": table.num_rows, "table_versions": versions,
+                    "filters": asdict(filters), "layout": layout, "files": files,
+                    "selm_version": package_version(),
+                    "columns": table.schema.names, "policy_pair": has_policy(table)}
+            (staging / "snapshot.json").write_text(json.dumps(meta, indent=2) + "\n")
+            _read_only(staging, [*files, "snapshot.json"])
+            os.replace(staging, final)
+            store.append("snapshots", [{
+                # relative to the store, so a store folder can move
+                "name": name, "iteration": iteration, "path": f"{EXPORTS}/{name}",
+                "format": f"parquet:{layout}",
+                "row_count": table.num_rows, "content_hash": content_hash,
+                "table_versions": [{"table": t, "version": v} for t, v in versions.items()],
+                "filters": filters.as_json(),
+            }])
+            return Snapshot(name, iteration, final, files, table.num_rows, content_hash,
+                            versions, filters, layout, created=True,
+                            policy_pair=has_policy(table))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def has_policy(table: pa.Table) -> bool:
+    """Whether a snapshot's rows carry SAIL's policy pair."""
+    return POLICY_COLUMNS[0] in table.column_names
+
+
+def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
+                   filters: Filters, layout: Layout = "ultrafeedback") -> pa.Table:
+    """The rows of a snapshot, sorted by pair_id, read at exactly `versions`: one a pair, or
+    for SAIL one a prompt with its policy pair beside (the module docstring)."""
+    def scan(t: str) -> pl.LazyFrame:
+        return store.scan(t, version=versions[t])
+
+    every = scan("pairs").filter(pl.col("iteration") == iteration)
+    pairs = every.filter(pl.col("rule") != POLICY_RULE)
+    policy = every.filter(pl.col("rule") == POLICY_RULE)
+    with_policy = policy.select(pl.len()).collect().item() > 0
+    if filters.drop_ties:
+        pairs = pairs.filter(~pl.col("is_tie"))
+    if filters.min_margin is not None:
+        pairs = pairs.filter(pl.col("margin") >= filters.min_margin)
+    texts = scan("responses").select("response_id", "text")
+    ref_scores = scan("judgments").select("ranking_id", "response_id", "score")
+    prompts = scan("prompts").select("prompt_id", "messages").unique("prompt_id")
+
+    def turn(text: str) -> pl.Expr:
+        return pl.concat_list(pl.col("messages"), pl.struct(
+            role=pl.lit("assistant"), content=pl.col(text)))
+
+    joined = (
+        pairs.join(prompts, on="prompt_id", how="left")
+        .join(texts.rename({"response_id": "chosen_id", "text": "chosen_text"}),
+              on="chosen_id", how="left")
+        .join(texts.rename({"response_id": "rejected_id", "text": "rejected_text"}),
+              on="rejected_id", how="left")
+        .join(texts.rename({"response_id": "ref_id", "text": "ref_text"}),
+              on="ref_id", how="left")
+        .join(ref_scores.rename({"response_id": "ref_id", "score": "score_reference"}),
+              on=["ranking_id", "ref_id"], how="left")
+    )
+    columns = _columns(layout, turn)
+    if with_policy:
+        joined = _join_policy(joined, policy, scan("responses"))
+        columns += _policy_columns(layout, turn)
+    frame = (
+        joined.with_columns(
+            last_user=pl.col("messages").list.eval(
+                pl.element().filter(pl.element().struct.field("role") == "user")
+            ).list.last().struct.field("content"),
+        )
+        .select(*columns)
+        .sort("pair_id")
+        .collect()
+    )
+
+    def lost(column: str) -> pl.Expr:  # a response the store does not hold
+        return pl.col(column).list.last().struct.field("content").is_null()
+
+    missing = lost("chosen") | lost("rejected") | pl.col("prompt").is_null()
+    if with_policy:
+        missing |= pl.col("policy_pair_id").is_not_null() & (
+            lost("policy_chosen") | lost("policy_rejected"))
+    broken = frame.filter(missing).height
+    if broken:
+        raise SelmError(f"{broken} pairs of iteration {iteration} point at responses "
+                        "the store does not hold; run `selm-data verify`")
+    table = frame.to_arrow()
+    return table.cast(_schema(table.schema))
+
+
+def _columns(layout: Layout, turn: Any) -> list[pl.Expr]:
+    if layout == "trl":
+        def answer(text: str) -> pl.Expr:
+            return pl.concat_list(pl.struct(role=pl.lit("assistant"), content=pl.col(text)))
+
+        head = [pl.col("messages").alias("prompt"), "prompt_id",
+                answer("chosen_text").alias("chosen"), answer("rejected_text").alias("rejected")]
+        reference = pl.when(pl.col("ref_id").is_not_null()).then(answer("ref_text"))
+    else:
+        head = [pl.col("last_user").alias("prompt"), "prompt_id",
+                turn("chosen_text").alias("chosen"), turn("rejected_text").alias("rejected"),
+                turn("chosen_text").alias("messages")]
+        reference = pl.when(pl.col("ref_id").is_not_null()).then(turn("ref_text"))
+    return [
+        *head,
+        pl.col("chosen_score").alias("score_chosen"),
+        pl.col("rejected_score").alias("score_rejected"),
+        reference.alias("reference"), "score_reference", "margin", "is_tie", "iteration", "rule",
+        "chosen_origin", "rejected_origin", "pair_id", "ranking_id", "chosen_id", "rejected_id",
+        "ref_id",
+    ]
+
+
+def _join_policy(frame: pl.LazyFrame, policy: pl.LazyFrame,
+                 responses: pl.LazyFrame) -> pl.LazyFrame:
+    """SAIL's policy pair beside the dataset pair of the same ranking, with both samples'
+    texts and sample indexes (the swap flag compares them)."""
+    policy = policy.select(
+        "ranking_id", pl.col("pair_id").alias("policy_pair_id"),
+        pl.col("chosen_id").alias("policy_chosen_id"),
+        pl.col("rejected_id").alias("policy_rejected_id"),
+        pl.col("chosen_score").alias("score_policy_chosen"),
+        pl.col("rejected_score").alias("score_policy_rejected"),
+        pl.col("is_tie").alias("policy_is_tie"))
+    samples = responses.select("response_id", "text", "sample_index")
+    for role in ("chosen", "rejected"):
+        policy = policy.join(samples.rename({
+            "response_id": f"policy_{role}_id", "text": f"policy_{role}_text",
+            "sample_index": f"policy_{role}_sample"}), on=f"policy_{role}_id", how="left")
+    return frame.join(policy, on="ranking_id", how="left")
+
+
+def _policy_columns(layout: Layout, turn: Any) -> list[pl.Expr]:
+    """POLICY_COLUMNS, the messages in the layout's format (as `chosen` and `rejected`)."""
+    def message(text: str) -> pl.Expr:
+        answer = turn(text) if layout == "ultrafeedback" else pl.concat_list(
+            pl.struct(role=pl.lit("assistant"), content=pl.col(text)))
+        return pl.when(pl.col("policy_pair_id").is_not_null()).then(answer)
+
+    return [
+        message("policy_chosen_text").alias("policy_chosen"),
+        message("policy_rejected_text").alias("policy_rejected"),
+        "score_policy_chosen", "score_policy_rejected", "policy_is_tie",
+        (pl.col("policy_chosen_sample") > pl.col("policy_rejected_sample"))
+        .alias("policy_swapped"),
+        "policy_pair_id", "policy_chosen_id", "policy_rejected_id",
+    ]
+
+
+def _schema(schema: pa.Schema) -> pa.Schema:
+    """Plain string and list types (polars writes large/view types) so every reader agrees.
+    Every list column of a snapshot is a list of chat messages."""
+    fields = []
+    for f in schema:
+        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or \
+                pa.types.is_list_view(f.type) or pa.types.is_large_list_view(f.type):
+            fields.append(pa.field(f.name, MESSAGES))
+        elif pa.types.is_large_string(f.type) or pa.types.is_string_view(f.type):
+            fields.append(pa.field(f.name, pa.string()))
+        else:
+            fields.append(f)
+    return pa.schema(fields)
+
+
+def _write_files(table: pa.Table, folder: Path) -> list[str]:
+    """Shards of at most ROWS_PER_FILE rows, one row group each. The table is made one chunk
+    first: Parquet pages follow Arrow chunks, and polars chunks its output by thread timing,
+    so without it the same rows could write different bytes (and a different hash)."""
+    table = table.combine_chunks()
+    (folder / "data").mkdir()
+    n = max(1, -(-table.num_rows // ROWS_PER_FILE))
+    files = []
+    for i in range(n):
+        rel = f"data/train-{i:05d}-of-{n:05d}.parquet"
+        part = table.slice(i * ROWS_PER_FILE, ROWS_PER_FILE)
+        pq.write_table(part, folder / rel, compression="zstd", row_group_size=ROWS_PER_FILE)
+        files.append(rel)
+    return files
+
+
+def files_hash(folder: Path, files: list[str]) -> str:
+    """A snapshot's content hash: sha256 over its files' relative names and sha256s."""
+    return hashlib.sha256(canonical_json(
+        [[rel, file_sha256(folder / rel)] for rel in files]).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_only(folder: Path, files: list[str]) -> None:
+    for rel in files:
+        mode = (folder / rel).stat().st_mode
+        (folder / rel).chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _registered(store: Store, name: str) -> dict[str, Any] | None:
+    rows = store.scan("snapshots").filter(pl.col("name") == name).collect()
+    return rows.row(0, named=True) if rows.height else None
+
+
+def snapshot_row(store: Store, name: str) -> dict[str, Any]:
+    """The registered snapshot `name`, or a SelmError that lists the store's snapshots."""
+    row = _registered(store, name)
+    if row is None:
+        raise SelmError(f"no snapshot named {name!r}; known: {snapshot_names(store)}. Export "
+                        f"one with `selm-data export --iter N` (store {store.root})")
+    return row
+
+
+def snapshot_names(store: Store, limit: int = 20) -> str:
+    names = sorted(store.scan("snapshots").select("name").collect()["name"].to_list())
+    if not names:
+        return "none yet"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _snapshot(store: Store, row: dict[str, Any], *, created: bool) -> Snapshot:
+    folder = store.root / row["path"]
+    meta = json.loads((folder / "snapshot.json").read_text())
+    return Snapshot(row["name"], row["iteration"], folder, meta["files"],
+                    row["row_count"], row["content_hash"],
+                    {v["table"]: v["version"] for v in row["table_versions"]},
+                    Filters(**json.loads(row["filters"])), meta.get("layout", "ultrafeedback"),
+                    created=created, policy_pair=bool(meta.get("policy_pair", False)))
+
+
+def check_snapshot(store: Store, row: dict[str, Any]) -> list[str]:
+    """What is wrong with a registered snapshot's files (empty: intact)."""
+    folder = store.root / row["path"]
+    meta_path = folder / "snapshot.json"
+    if not meta_path.is_file():
+        return [f"snapshot {row['name']}: {meta_path} is missing"]
+    files = json.loads(meta_path.read_text())["files"]
+    problems = [f"snapshot {row['name']}: {folder / rel} is missing"
+                for rel in files if not (folder / rel).is_file()]
+    extra = sorted(p.relative_to(folder).as_posix() for p in (folder / "data").rglob("*")
+                   if p.is_file() and p.relative_to(folder).as_posix() not in files)
+    problems += [f"snapshot {row['name']}: unexpected file {rel}" for rel in extra]
+    if not problems and files_hash(folder, files) != row["content_hash"]:
+        problems.append(f"snapshot {row['name']}: its files no longer match its content hash "
+                        f"{row['content_hash'][:12]}: it was modified; export it again under "
+                        "a new name")
+    return problems
