@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine (only Python 3.11+ needed):
 #   make demo   creates .venv, installs selm, runs the main job on the embedded default
-#   make test   the same install with the test tools, then lint and the whole test suite
+#   make test   the same install with the test tools, then lint, type checks and the whole
+#               test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ DEMO ?= manifests/demo.yaml
 # build. On a GPU machine: make TORCH=torch==2.13.0 ... with your CUDA index configured.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo loop test lint bench clean
+.PHONY: demo loop test typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,12 +46,18 @@ loop: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[train]'
 	$(BIN)/selm-train loop --manifest $(DEMO)
 
+# Type checks ([tool.mypy] in pyproject.toml says what each of the two runs covers).
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+	$(BIN)/mypy --no-check-untyped-defs --disable-error-code annotation-unchecked tests
+
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
+	$(MAKE) typecheck
 	SELM_REQUIRE_OPTIONAL=1 $(BIN)/python -m pytest
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/store_ingest.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
