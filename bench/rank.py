@@ -100,12 +100,14 @@ def build_ranker(root: Path, size: str, vocab: int, rows: list[dict[str, str]]) 
     (backbone / "tokenizer_config.json").write_text(
         '{"do_lower_case": false, "vocab_type": "spm"}')
     layers, hidden, heads, inter = SIZES[size]
+    # keys that DebertaV2Config takes through **kwargs, not as declared parameters
+    v3_keys: dict[str, Any] = {"position_buckets": 256, "norm_rel_ebd": "layer_norm",
+                               "share_att_key": True}
     config = DebertaV2Config(  # deberta-v3's attention settings (its config.json)
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, intermediate_size=inter, relative_attention=True,
         position_biased_input=False, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
-        position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True, type_vocab_size=0,
-        pad_token_id=0)
+        type_vocab_size=0, pad_token_id=0, **v3_keys)
     torch.manual_seed(0)
     DebertaV2Model(config).save_pretrained(backbone)
     llm_blender = import_llm_blender()

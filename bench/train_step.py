@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 GOALS = {"selm dpo / trl dpo": 1.0, "selm selm / selm dpo": 1.35}
 VARIANTS = ("selm-dpo", "selm-selm", "trl-dpo")
@@ -111,10 +112,10 @@ def child(variant: str, root: Path, args: argparse.Namespace) -> dict:
     marks: list[float] = []
     cpu: list[float] = []  # process CPU time (all threads) at the same marks
     if variant.startswith("selm-"):
-        from selm_data.manifest import TrainSpec
+        from selm_data.manifest import Loss, TrainSpec
         from selm_train.train import train
 
-        loss = variant.split("-")[1]
+        loss = cast("Loss", variant.split("-")[1])  # the variants name only these losses
         spec = TrainSpec(loss=loss, beta=0.1, alpha=0.001 if loss == "selm" else 0.0,
                          learning_rate=1e-5, lr_scheduler="constant", warmup_ratio=0.0,
                          global_batch_size=args.micro * args.accum,

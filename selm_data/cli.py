@@ -605,7 +605,9 @@ def sources_check(
     """Detect a dataset's layout; count usable, duplicate and quarantined rows. Builds nothing."""
     where = {"path": source} if Path(source).exists() else {"hub": source}
     try:
-        spec = SourceSpec(**where, split=split, revision=revision, layout=layout, limit=limit)
+        # model_validate: `layout` is the user's text, checked against the Literal here
+        spec = SourceSpec.model_validate(
+            {**where, "split": split, "revision": revision, "layout": layout, "limit": limit})
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise SelmError(f"invalid source options: {e}") from e
     loaded = load_source(spec)

@@ -153,7 +153,6 @@ class PairingSpec(_Spec):
 
 
 Loss = Literal["dpo", "ipo", "selm", "sail"]
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Coefficient = Annotated[float, Field(ge=0.0)]
 
 

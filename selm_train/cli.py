@@ -44,8 +44,8 @@ def plan(
     """Show each iteration's training settings after the iteration's overrides."""
     m = load_manifest(find_manifest(manifest))
     specs = [m.train_for(t) for t in range(1, len(m.iterations) + 1)]
-    fields = ("pairs", "loss", "beta", "alpha", "learning_rate", "global_batch_size",
-              "max_length", "zero_stage", "precision")
+    fields: tuple[str, ...] = ("pairs", "loss", "beta", "alpha", "learning_rate",
+                               "global_batch_size", "max_length", "zero_stage", "precision")
     if any(s.loss == "sail" for s in specs):
         fields = (*fields[:4], "routes", *fields[4:])
     table = Table(title=f"{m.name}: {len(m.iterations)} iteration(s), manifest {m.hash()}")

@@ -27,7 +27,7 @@ Nothing here is random or global: the same snapshot and tokenizer give the same 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,13 +185,12 @@ def read_examples(snapshot: SnapshotRef) -> list[PreferenceExample]:
 
 
 def _answers(row: dict[str, Any], prompt: list[Message], pair_id: str, *,
-             whole: bool) -> list[str | None]:
+             whole: bool) -> tuple[str, str, str | None, str | None, str | None]:
     """chosen, rejected, reference and the policy pair's answers of a row; `whole`: each column
     is the conversation (ultrafeedback), else the one assistant turn (trl)."""
-    answers: list[str | None] = []
+    answers: dict[str, str] = {}
     for column in ANSWER_COLUMNS:
         if column not in ("chosen", "rejected") and row.get(column) is None:
-            answers.append(None)
             continue
         turns = _turns(row[column], column, pair_id)
         if whole and turns[:-1] != prompt:
@@ -200,11 +199,12 @@ def _answers(row: dict[str, Any], prompt: list[Message], pair_id: str, *,
         if not whole and len(turns) != 1:
             raise SelmError(f"pair {pair_id}: `{column}` has {len(turns)} turns; the trl layout "
                             "holds exactly one assistant turn per answer")
-        answers.append(_answer(turns, column, pair_id))
-    if (answers[3] is None) != (answers[4] is None):
+        answers[column] = _answer(turns, column, pair_id)
+    if ("policy_chosen" in answers) != ("policy_rejected" in answers):
         raise SelmError(f"pair {pair_id}: one answer of the policy pair is missing; the "
                         "snapshot is inconsistent, export it again")
-    return answers
+    return (answers["chosen"], answers["rejected"], answers.get("reference"),
+            answers.get("policy_chosen"), answers.get("policy_rejected"))
 
 
 ANSWER_COLUMNS = ("chosen", "rejected", "reference", "policy_chosen", "policy_rejected")
@@ -299,10 +299,10 @@ def _tokenize_one(ex: PreferenceExample, tokenizer: PreTrainedTokenizerBase, max
                             "the prompt with this chat template; nothing would be trained on it")
     prompt, responses, truncated = truncate(prompt, responses, max_length=max_length,
                                             max_prompt_length=max_prompt_length)
-    ids = {what: tuple(r) for (what, _), r in zip(named, responses, strict=True)}
-    return TokenizedExample(ex.pair_id, tuple(prompt), ids["chosen"], ids["rejected"],
-                            ids.get("reference"), truncated, ids.get("policy_chosen"),
-                            ids.get("policy_rejected"), ex.policy_swapped)
+    by_what = {what: tuple(r) for (what, _), r in zip(named, responses, strict=True)}
+    return TokenizedExample(ex.pair_id, tuple(prompt), by_what["chosen"], by_what["rejected"],
+                            by_what.get("reference"), truncated, by_what.get("policy_chosen"),
+                            by_what.get("policy_rejected"), ex.policy_swapped)
 
 
 def truncate(prompt: list[int], responses: list[list[int]], *, max_length: int,
@@ -323,6 +323,8 @@ def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *,
               generation_prompt: bool) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                         add_generation_prompt=generation_prompt)
+    if not isinstance(out, Mapping):  # return_dict=True: a BatchEncoding
+        raise TypeError(f"apply_chat_template returned a {type(out).__name__}, not a mapping")
     return list(out["input_ids"])
 
 

@@ -61,14 +61,20 @@ GRADIENT_CLIPPING = 1.0
 class BatchSpec(Protocol):
     """The fields of `selm_data.manifest.TrainSpec` that shape the engine."""
 
-    zero_stage: int
-    precision: str
-    micro_batch_size: int
-    global_batch_size: int
+    # properties: read-only members, so TrainSpec's Literal-typed fields fit them
+    @property
+    def zero_stage(self) -> int: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def micro_batch_size(self) -> int: ...
+    @property
+    def global_batch_size(self) -> int: ...
 
 
-def ds_config(spec: BatchSpec, *, world_size: int, device: Device) -> dict[str, Any]:
-    """The DeepSpeed config for `spec` on `world_size` processes of `device`.
+def ds_config(spec: BatchSpec, *, world_size: int, device: str) -> dict[str, Any]:
+    """The DeepSpeed config for `spec` on `world_size` processes of `device` (a
+    `torch.device.type`: "cpu" or "cuda", anything else is a ValueError).
 
     gradient_accumulation_steps = global_batch_size / (micro_batch_size * world_size), so the
     global batch of the manifest is the same on 1 process or 64: the manifest's learning rate

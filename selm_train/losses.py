@@ -268,15 +268,20 @@ def sail_loss(
         raise ValueError(
             f"extra_gradient must be one of {get_args(ExtraGradient)}, got {extra_gradient!r}")
     routes, draws = _check_routes(routes, draws, like=logps[0])
-    coefs = dict(beta=beta, rho=rho, pi=pi, gamma=gamma, extra_gradient=extra_gradient)
+
+    def terms(four: list[Tensor], flipped: Tensor) -> tuple[Tensor, Tensor]:
+        pc, pr, rc, rr = four
+        return _sail_terms(pc, pr, rc, rr, routes, flipped, beta=beta, rho=rho, pi=pi,
+                           gamma=gamma, extra_gradient=extra_gradient)
+
     with torch.no_grad():
         detached = [x.detach() for x in logps]
         h = _h(*detached)
         q = torch.sigmoid(beta * h.to(draws.dtype))
         flipped = ((routes == ROUTE_DP) | (routes == ROUTE_PP)) & (draws >= q)
-        nonfinite = ~torch.isfinite(_sail_terms(*detached, routes, flipped, **coefs)[0])
+        nonfinite = ~torch.isfinite(terms(detached, flipped)[0])
     safe = [torch.where(nonfinite, -1.0, x) for x in logps]  # -1: finite, and logp != 0
-    losses, extra = _sail_terms(*safe, routes, flipped, **coefs)
+    losses, extra = terms(safe, flipped)
     losses = torch.where(nonfinite, 0.0, losses)
     pc, pr, rc, rr = detached
     metrics = _reward_metrics(torch.where(flipped, pr, pc), torch.where(flipped, pc, pr),

@@ -110,7 +110,8 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
     engine = make_engine(model, config, learning_rate=spec.learning_rate, total_steps=total,
                          lr_scheduler=spec.lr_scheduler, warmup_ratio=spec.warmup_ratio)
     micro, accum = spec.micro_batch_size, config["gradient_accumulation_steps"]
-    history, nonfinite = [], 0
+    history: list[dict[str, float]] = []
+    nonfinite = 0
     for epoch in range(spec.epochs):
         order = torch.randperm(len(examples),
                                generator=torch.Generator().manual_seed(spec.seed + epoch))
@@ -169,7 +170,7 @@ def _load(model: ResolvedModel, device: torch.device, spec: TrainSpec) -> tuple[
     policy = AutoModelForCausalLM.from_pretrained(
         model.path, revision=model.revision, use_safetensors=True,
         dtype=torch.bfloat16 if bf16 else torch.float32,
-    ).to(device)
+    ).to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides `self`
     return tokenizer, policy
 
 

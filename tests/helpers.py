@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from selm_data.publish.snapshot import files_hash
 from selm_data.store.schema import (
@@ -168,7 +169,7 @@ def manifest_dict(tmp_path: Path, tiny_lm: Path, tiny_rm: Path, **overrides) -> 
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(rows) + "\n")
-    m = {
+    m: dict[str, Any] = {
         "name": "test", "store": str(tmp_path / "store"),
         "source": {"path": str(data)},
         "policy": {"model": str(tiny_lm), "dtype": "float32"},

@@ -32,10 +32,12 @@ def declared() -> set[str]:
     """Every distribution pyproject.toml names for what `make test` installs: the dependencies
     and the Makefile's EXTRAS (torch is left to TORCH; the GPU-only `vllm` extra is not here)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    extras = re.search(r"^EXTRAS := (\S+)$", (REPO / "Makefile").read_text(), re.M)[1].split(",")
+    line = re.search(r"^EXTRAS := (\S+)$", (REPO / "Makefile").read_text(), re.M)
+    assert line, "the Makefile names the extras `make test` installs in EXTRAS"
+    extras = line[1].split(",")
     optional = project["optional-dependencies"]
     requirements = [*project["dependencies"], *(r for extra in extras for r in optional[extra])]
-    names = {canonical(re.match(r"[A-Za-z0-9._-]+", r)[0]) for r in requirements}
+    names = {canonical(re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0]) for r in requirements}
     return names - {"torch"}
 
 

@@ -24,6 +24,7 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -129,7 +130,9 @@ def sample(folder: Path, prompts: Sequence[str], *, seed: int, temperature: floa
                              pad_token_id=tokenizer.pad_token_id)
         for row in gen[:, ids.shape[1]:].tolist():
             stop = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else None
-            out.append(tokenizer.decode(row[:stop], skip_special_tokens=True).strip())
+            text = tokenizer.decode(row[:stop], skip_special_tokens=True)
+            assert isinstance(text, str)  # one sequence of ids decodes to one string
+            out.append(text.strip())
     return out
 
 
@@ -151,7 +154,8 @@ def preference_dataset(folder: Path, prompts: Sequence[str], reward: TrueReward,
             else:
                 second[i] = text
     rng = random.Random(seed + 3)
-    rows, agree = [], 0
+    rows: list[dict[str, Any]] = []
+    agree = 0
     for p, a, b in zip(prompts, first, second, strict=True):
         ra, rb = reward(p, a), reward(p, b)
         a_wins = rng.random() < 1 / (1 + math.exp(-(ra - rb)))

@@ -91,9 +91,9 @@ def table(results: dict) -> str:
         runs = [results["runs"][m][s]["iterations"] for s in seeds]
         cells = []
         for t in range(T):
-            first = statistics.fmean(r[t]["history"][0]["loss"] for r in runs)
-            last = statistics.fmean(r[t]["history"][-1]["loss"] for r in runs)
-            cells.append(f"{first:.3f} → {last:.3f}")
+            loss_first = statistics.fmean(r[t]["history"][0]["loss"] for r in runs)
+            loss_last = statistics.fmean(r[t]["history"][-1]["loss"] for r in runs)
+            cells.append(f"{loss_first:.3f} → {loss_last:.3f}")
         distinct = statistics.fmean(r[-1]["greedy_distinct_answers"] for r in runs)
         length = statistics.fmean(statistics.fmean(r[-1]["greedy_lengths"]) for r in runs)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {distinct:.0f} | {length:.1f} |")

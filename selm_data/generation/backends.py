@@ -136,8 +136,12 @@ class TransformersGenerator:
         return results  # type: ignore[return-value]
 
     def _render(self, messages: list[Message]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
+        if not isinstance(text, str):
+            raise TypeError(f"apply_chat_template(tokenize=False) returned a "
+                            f"{type(text).__name__}, not a str")
+        return text
 
     def _run(self, batch: list[int], texts: list[str],
              requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -168,9 +172,11 @@ class TransformersGenerator:
         for row, mask in zip(new_tokens.tolist(), enc.attention_mask.tolist(), strict=True):
             stop = next((k for k, tok in enumerate(row) if tok in eos), None)
             kept = row if stop is None else row[:stop]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            assert isinstance(text, str)  # one sequence of ids decodes to one string
             results.append(GenerationResult(
                 "ok",
-                text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                text=text.strip(),
                 prompt_tokens=sum(mask),
                 completion_tokens=len(kept),
                 finish_reason="length" if stop is None else "stop",

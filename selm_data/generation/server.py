@@ -8,10 +8,13 @@ errors that reach the store or the terminal have it masked.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from selm_data.errors import SelmError
 from selm_data.manifest import ServerSpec
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 
 class Server:
@@ -51,8 +54,9 @@ class Server:
         return wanted
 
     def chat(self, messages: list[dict[str, str]], **params: Any) -> Any:
-        return self.client.chat.completions.create(model=self.model, messages=messages,
-                                                   **params)
+        # plain {role, content} dicts; the server checks the roles
+        turns = cast("list[ChatCompletionMessageParam]", messages)
+        return self.client.chat.completions.create(model=self.model, messages=turns, **params)
 
     def redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text

@@ -139,7 +139,9 @@ def push(store: Store, name: str, repo_id: str, *, private: bool = True,
         raise SelmError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (the token "
                         "is read from there and never written anywhere by selm)")
     files = repo_files(store, name, repo_id=repo_id, license=license, secrets=[token])
-    lineage = json.loads(files[LINEAGE_FILE])
+    lineage_json = files[LINEAGE_FILE]
+    assert isinstance(lineage_json, bytes)  # repo_files renders it in memory
+    lineage = json.loads(lineage_json)
     message = commit_message or (
         f"SELM snapshot {lineage['snapshot']}: iteration {lineage['iteration']}, "
         f"{lineage['statistics']['rows']} pairs, content {lineage['content_hash'][:12]}")

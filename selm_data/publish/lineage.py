@@ -88,9 +88,9 @@ def _brief(table: str, row: dict) -> Node:
                              "chars_a", "chars_b"),
     }[table]
     out = {k: row.get(k) for k in keep}
-    for key in ("text",):
-        if isinstance(out.get(key), str) and len(out[key]) > 200:
-            out[key] = out[key][:200] + "..."
+    text = out.get("text")
+    if isinstance(text, str) and len(text) > 200:
+        out["text"] = text[:200] + "..."
     if table == "prompts" and out["messages"]:
         out["messages"] = [{**m, "content": m["content"][:200]} for m in out["messages"]]
     out["run_id"], out["created_at"] = row.get("run_id"), str(row.get("created_at"))

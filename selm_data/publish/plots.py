@@ -117,7 +117,7 @@ def _shared_bins(samples: pl.DataFrame, np: Any) -> dict[str, Any]:
     """Bin edges per ranker label, shared by the iterations that ranker scored."""
     bins = {}
     for (ranker,), group in samples.group_by("ranker"):
-        largest = group.group_by("iteration", "role").len()["len"].max()
+        largest = max(group.group_by("iteration", "role").len()["len"].to_list())
         # About 2 sqrt(n) bins: smooth enough for a few dozen pairs, detailed for 60k.
         count = min(60, max(10, round(2 * math.sqrt(largest))))
         bins[ranker] = np.histogram_bin_edges(group["score"].to_numpy(), bins=count)

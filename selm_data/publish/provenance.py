@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
@@ -326,9 +326,11 @@ def _margin(values: pl.Series) -> dict[str, float | None]:
     def q(p: float) -> float | None:
         return margin.quantile(p, interpolation="linear") if margin.len() else None
 
-    return {"min": margin.min() if margin.len() else None, "p25": q(0.25),
-            "median": q(0.5), "p75": q(0.75), "max": margin.max() if margin.len() else None,
-            "mean": margin.mean() if margin.len() else None}
+    def stat(value: Any) -> float | None:  # a Float64 column's min, max and mean are floats
+        return cast("float | None", value) if margin.len() else None
+
+    return {"min": stat(margin.min()), "p25": q(0.25), "median": q(0.5), "p75": q(0.75),
+            "max": stat(margin.max()), "mean": stat(margin.mean())}
 
 
 def _policy_statistics(pairs: pl.DataFrame) -> PolicyPairStatistics:

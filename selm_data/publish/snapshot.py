@@ -220,13 +220,14 @@ def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
     return table.cast(_schema(table.schema))
 
 
-def _columns(layout: Layout, turn: Any) -> list[pl.Expr]:
+def _columns(layout: Layout, turn: Any) -> list[pl.Expr | str]:
     if layout == "trl":
         def answer(text: str) -> pl.Expr:
             return pl.concat_list(pl.struct(role=pl.lit("assistant"), content=pl.col(text)))
 
-        head = [pl.col("messages").alias("prompt"), "prompt_id",
-                answer("chosen_text").alias("chosen"), answer("rejected_text").alias("rejected")]
+        head: list[pl.Expr | str] = [
+            pl.col("messages").alias("prompt"), "prompt_id",
+            answer("chosen_text").alias("chosen"), answer("rejected_text").alias("rejected")]
         reference = pl.when(pl.col("ref_id").is_not_null()).then(answer("ref_text"))
     else:
         head = [pl.col("last_user").alias("prompt"), "prompt_id",
@@ -262,7 +263,7 @@ def _join_policy(frame: pl.LazyFrame, policy: pl.LazyFrame,
     return frame.join(policy, on="ranking_id", how="left")
 
 
-def _policy_columns(layout: Layout, turn: Any) -> list[pl.Expr]:
+def _policy_columns(layout: Layout, turn: Any) -> list[pl.Expr | str]:
     """POLICY_COLUMNS, the messages in the layout's format (as `chosen` and `rejected`)."""
     def message(text: str) -> pl.Expr:
         answer = turn(text) if layout == "ultrafeedback" else pl.concat_list(

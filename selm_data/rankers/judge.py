@@ -48,7 +48,7 @@ def rating(choice: Any) -> float:
     """Expected rating from the first token's top log-probs, else the first digit written."""
     content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
     if content:
-        weights = {}
+        weights: dict[int, float] = {}
         for top in content[0].top_logprobs or []:
             digit = DIGITS.get(top.token.strip())
             if digit is not None:  # " 7" and "7" are one rating

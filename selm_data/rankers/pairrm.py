@@ -130,7 +130,7 @@ def import_llm_blender() -> Any:
             del hub.TRANSFORMERS_CACHE  # type: ignore[attr-defined]
     if not hasattr(PreTrainedTokenizerBase, "batch_encode_plus"):
         collator = importlib.import_module("llm_blender.pair_ranker.collator")
-        collator.encode_texts = _encode_texts
+        collator.encode_texts = _encode_texts  # type: ignore[attr-defined]
     return llm_blender
 
 

@@ -46,7 +46,11 @@ class RewardModelRanker:
 
     def _render(self, messages: list[Message], candidate: str) -> str:
         conversation = [*messages, {"role": "assistant", "content": candidate}]
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False)
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+        if not isinstance(text, str):
+            raise TypeError(f"apply_chat_template(tokenize=False) returned a "
+                            f"{type(text).__name__}, not a str")
+        return text
 
     def _score_batch(self, texts: list[str]) -> list[float]:
         enc: Any = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,

@@ -334,7 +334,7 @@ def _sharegpt_answer(value: Any, side: str) -> str:
         raise _Reject(f"missing {side}", "absent")
     if not isinstance(value, Mapping):
         raise _Reject(f"wrong type: {side}", f"{side} is {type(value).__name__}, not a turn")
-    if SHAREGPT_ROLES.get(value.get("from")) != "assistant":
+    if SHAREGPT_ROLES.get(str(value.get("from"))) != "assistant":
         raise _Reject("no assistant turn", f"{side} is from {value.get('from')!r}")
     return _answer(value.get("value"), side)
 

@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 
@@ -464,7 +464,8 @@ def row_id(spec: TableSpec, row: Mapping[str, Any]) -> str:
 
 # --- conforming a batch to a table's schema ----------------------------------------------------
 
-Batch = pa.Table | pa.RecordBatch | Sequence[Mapping[str, Any]] | Any  # Any: a polars DataFrame
+# Any: a polars DataFrame (anything with .to_arrow())
+Batch: TypeAlias = pa.Table | pa.RecordBatch | Sequence[Mapping[str, Any]] | Any
 
 
 def _column(spec: TableSpec, name: str, values: list[Any]) -> pa.Array:

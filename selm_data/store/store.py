@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import polars as pl
@@ -254,7 +255,7 @@ class Store:
         try:
             actions = _write_parquet(spec, self.path(spec.name), rows, token)
             dt.create_write_transaction(
-                actions,
+                list(actions),  # a list of AddAction | RemoveAction, as it is declared
                 mode="append",
                 schema=spec.schema,
                 partition_by=list(spec.partition_by) or None,
@@ -317,9 +318,10 @@ def _write_parquet(spec: TableSpec, root: Path, rows: pa.Table, token: str) -> l
     """One Parquet file per partition value, laid out and described as the Delta spec says:
     partition columns live in the path, not the file; statistics for `spec.stats_columns`.
     File names carry `token`, so the files of one failed write can be found and removed."""
-    groups = [((), rows)]
+    # (the partition's (column, value) pairs, its rows)
+    groups: list[tuple[tuple[tuple[str, Any], ...], pa.Table]] = [((), rows)]
     for column in spec.partition_by:
-        split = []
+        split: list[tuple[tuple[tuple[str, Any], ...], pa.Table]] = []
         for key, part in groups:
             values = pc.unique(part.column(column)).to_pylist()
             if len(values) == 1:  # the usual case: no copy of the batch

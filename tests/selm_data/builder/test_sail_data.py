@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import polars as pl
@@ -43,7 +44,7 @@ def fake_score(text: str) -> float:
 class FakeGenerator:
     backend = "fake"
 
-    def __init__(self, fail: set[tuple[str, int]] = frozenset()):
+    def __init__(self, fail: AbstractSet[tuple[str, int]] = frozenset()):
         self.fail = fail  # (prompt_id, sample_index) that fail
         self.calls = 0
 
@@ -59,7 +60,7 @@ class FakeGenerator:
 class FakeRanker:
     name, version = "fake-ranker", "1"
 
-    def __init__(self, refuse: set[str] = frozenset()):
+    def __init__(self, refuse: AbstractSet[str] = frozenset()):
         self.refuse = refuse  # prompts whose second candidate (y_1) it gives no score
 
     def score(self, requests):

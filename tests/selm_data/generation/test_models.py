@@ -88,14 +88,17 @@ def test_bundled_chats_and_stops_at_end_of_turn(smollm2: ResolvedModel) -> None:
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == IM_END
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert isinstance(prompt, str)
     assert prompt.endswith(
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert prompt.startswith("<|im_start|>system\n")  # SmolLM2's template adds a system turn
     inputs = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    # transformers types Auto* models' generate() for a class they are not: (bound) `self` fails
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)  # type: ignore[misc]
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
+    assert isinstance(text, str)
     assert new[-1] == IM_END or len(new) == 12
     assert "Paris" in text and text.isascii()
 

@@ -118,12 +118,12 @@ def built(store):
 # --- the independent computation ----------------------------------------------------------
 
 
-def deciles(values: list[float]) -> tuple | None:
+def deciles(values: list[float]) -> tuple[float, ...] | None:
     """p10, p50, p90 with linear interpolation (statistics' inclusive method)."""
     if not values:
         return None
     if len(values) == 1:
-        return values * 3
+        return (values[0],) * 3
     cuts = statistics.quantiles(values, n=10, method="inclusive")
     return cuts[0], cuts[4], cuts[8]
 
@@ -137,7 +137,7 @@ def share(flags: list[bool]) -> float | None:
 
 
 def expected_stats(iteration: int, rows: Rows) -> dict:
-    by_ranking = defaultdict(dict)
+    by_ranking: defaultdict[str, dict] = defaultdict(dict)
     for j in rows["judgments"]:
         if j["n_candidates"] == 3:
             by_ranking[j["ranking_id"]][j["position"]] = j["score"]

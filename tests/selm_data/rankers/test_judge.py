@@ -52,7 +52,9 @@ class Scripted(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         Scripted.seen.append(body)
-        script = re.search(r"<<(.*?)>>", body["messages"][1]["content"]).group(1)
+        found = re.search(r"<<(.*?)>>", body["messages"][1]["content"])
+        assert found is not None, body["messages"][1]["content"]
+        script = found.group(1)
         logprobs, content = None, ""
         if script == "500":
             return self._send(500, {"error": {"message": "judge crashed"}})

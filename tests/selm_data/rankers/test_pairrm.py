@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,12 +52,15 @@ def build_backbone(folder: Path) -> Path:
         user_defined_symbols=["[MASK]"], minloglevel=2)
     (folder / "spm.model").write_bytes(spm_model.getvalue())
     (folder / "tokenizer_config.json").write_text('{"do_lower_case": false, "vocab_type": "spm"}')
+    # keys that DebertaV2Config takes through **kwargs, not as declared parameters
+    v3_keys: dict[str, Any] = {"position_buckets": 256, "norm_rel_ebd": "layer_norm",
+                               "share_att_key": True}
     config = DebertaV2Config(
         vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, relative_attention=True, position_biased_input=False,
-        pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_buckets=256,
-        norm_rel_ebd="layer_norm", share_att_key=True, type_vocab_size=0, pad_token_id=0,
-        initializer_range=0.5)  # larger weights: hidden states that differ between inputs
+        pos_att_type=["p2c", "c2p"], max_relative_positions=-1, type_vocab_size=0,
+        pad_token_id=0, initializer_range=0.5,  # larger weights: hidden states that differ
+        **v3_keys)  # between inputs  # larger weights: hidden states that differ between inputs
     torch.manual_seed(0)
     DebertaV2Model(config).save_pretrained(folder)
     return folder

@@ -54,7 +54,7 @@ def _raw(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+def _write_jsonl(path: Path, rows: list[object]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -363,8 +363,8 @@ def test_detect_layout() -> None:
     assert detect_layout(list(row), row) == "ultrafeedback"
     row = {"prompt": "q", "chosen": "a", "rejected": "b"}
     assert detect_layout(list(row), row) == "flat"
-    row = {"chosen": None, "rejected": msgs}  # the first row's chosen is missing
-    assert detect_layout(list(row), row) == "conversation"
+    missing = {"chosen": None, "rejected": msgs}  # the first row's chosen is missing
+    assert detect_layout(list(missing), missing) == "conversation"
     row = {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"}
     assert detect_layout(list(row), row) == "hh"
     with pytest.raises(SelmError, match=r"columns \['chosen', 'rejected'\].*Known layouts"):

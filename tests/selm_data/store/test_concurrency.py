@@ -30,7 +30,7 @@ def start(*args: object) -> subprocess.Popen[str]:
 
 def wait_for_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if line.startswith(prefix):

@@ -13,7 +13,7 @@ import pytest
 from helpers import chain_rows
 from selm_data.store.schema import RESPONSES, RUNS, TABLES, conform, content_id, row_id
 
-FILL = {"run_id": "run-a", "created_at": datetime(2026, 1, 1, tzinfo=UTC)}
+FILL: dict[str, Any] = {"run_id": "run-a", "created_at": datetime(2026, 1, 1, tzinfo=UTC)}
 
 
 def sample_row(table: str) -> dict[str, Any]:
