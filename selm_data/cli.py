@@ -46,24 +46,25 @@ ManifestOpt = Annotated[
         help="Manifest YAML. Default: $SELM_MANIFEST, else ./selm.yaml, else manifests/demo.yaml.",
     ),
 ]
-StoreOpt = Annotated[
-    Path | None,
-    typer.Option("--store", "-s", help="Store folder. Default: the manifest's `store`."),
+StoreOpt = Annotated[  # str, not Path: Path("s3://b/x") is the local folder "s3:/b/x"
+    str | None,
+    typer.Option("--store", "-s", help="Store folder or URI (s3://bucket/path, gs://, az://). "
+                 "Default: the manifest's `store`."),
 ]
 
-def _resolve(store: Path | None, manifest: Path | None) -> tuple[Path, Manifest | None]:
+def _resolve(store: str | None, manifest: Path | None) -> tuple[str, Manifest | None]:
     """The store to use, and the manifest when one was given or found."""
     if store is not None and manifest is None:
         return store, None
     loaded = load_manifest(find_manifest(manifest))
-    return (store or Path(loaded.store)), loaded
+    return (store or loaded.store), loaded
 
 
 def _run_info(manifest: Manifest | None) -> RunInfo:
     return RunInfo.new(command_line()) if manifest is None else manifest.run_info(command_line())
 
 
-def _open(store: Path | None, manifest: Path | None, *, create: bool = False) -> Store:
+def _open(store: str | None, manifest: Path | None, *, create: bool = False) -> Store:
     path, loaded = _resolve(store, manifest)
     return open_store(path, create=create, run=_run_info(loaded))
 
@@ -73,14 +74,14 @@ def init(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
     """Create the store (or add tables a newer selm defines) and record this run's manifest."""
     s = _open(store, manifest, create=True)
     s.record_run()
-    console.print(f"store ready at [bold]{s.root}[/] (run {s.run.run_id})")
+    console.print(f"store ready at [bold]{s.uri}[/] (run {s.run.run_id})")
 
 
 @app.command()
 def status(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
     """What the store holds: tables and versions, work per iteration, snapshots, leases."""
     s = _open(store, manifest)
-    tables = Table(title=f"store {s.root}")
+    tables = Table(title=f"store {s.uri}")
     for col in ("table", "version", "rows"):
         tables.add_column(col, justify="left" if col == "table" else "right")
     for name in TABLES:
@@ -143,7 +144,7 @@ def log(
         key=lambda c: (c.timestamp, c.version),
         reverse=True,
     )[:limit]
-    out = Table(title=f"commits in {s.root}")
+    out = Table(title=f"commits in {s.uri}")
     for col in ("time", "table", "version", "operation", "rows", "run", "manifest", "command"):
         out.add_column(col)
     for c in commits:
@@ -166,9 +167,9 @@ def verify_cmd(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
     s = _open(store, manifest)
     problems = verify(s)
     if not problems:
-        console.print(f"[green]ok[/]: {len(TABLES)} tables in {s.root} are consistent")
+        console.print(f"[green]ok[/]: {len(TABLES)} tables in {s.uri} are consistent")
         return
-    out = Table(title=f"{len(problems)} problem(s) in {s.root}")
+    out = Table(title=f"{len(problems)} problem(s) in {s.uri}")
     for col in ("table", "check", "detail"):
         out.add_column(col)
     for p in problems:
@@ -200,7 +201,7 @@ def export_cmd(
     policy = " (each with SAIL's policy pair)" if snap.policy_pair else ""
     console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs{policy}, content hash "
                   f"{snap.content_hash[:12]}, {snap.path}", highlight=False, soft_wrap=True)
-    data = snap.path / "data" / "*.parquet"
+    data = f"{snap.path}/data/*.parquet"
     console.print(f'load it: datasets.load_dataset("parquet", data_files="{data}", '
                   f'split="train")  or  pl.read_parquet("{data}")', highlight=False,
                   soft_wrap=True)
@@ -322,7 +323,7 @@ def build_cmd(
 ) -> None:
     """Generate, rank and pair portion N of the dataset; rerun to resume after a crash."""
     loaded = load_manifest(find_manifest(manifest))  # build needs the recipe, even with --store
-    path = store or Path(loaded.store)
+    path = store or loaded.store
     s = open_store(path, create=True, run=_run_info(loaded))
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
@@ -357,7 +358,7 @@ def _print_report(s: Store, report: BuildReport) -> None:
     for pid, reason in report.unranked[:5]:
         console.print(f"  unranked: prompt {pid}: {reason}", highlight=False)
     _print_examples(s, report.iteration)
-    pairs = s.root / "pairs"
+    pairs = s.table_uri("pairs")
     console.print(
         f'look at them: pl.scan_delta("{pairs}").filter(pl.col("iteration") == '
         f"{report.iteration}).collect()", highlight=False, soft_wrap=True,
@@ -410,11 +411,11 @@ ResamplesOpt = Annotated[int, typer.Option(help="Bootstrap resamples of the ques
 SeedOpt = Annotated[int, typer.Option(help="Seed of the bootstrap.")]
 
 
-def _loaded(manifest: Path | None, store: Path | None, *,
+def _loaded(manifest: Path | None, store: str | None, *,
             create: bool = False) -> tuple[Manifest, Store]:
     """Evaluation needs the recipe (policy, generation, ranker) even with --store."""
     loaded = load_manifest(find_manifest(manifest))
-    path = store or Path(loaded.store)
+    path = store or loaded.store
     return loaded, open_store(path, create=create, run=_run_info(loaded))
 
 

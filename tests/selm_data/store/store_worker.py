@@ -85,6 +85,19 @@ def append_past_file_size_limit(store_path: str, limit: int) -> None:
         sys.exit(4)
 
 
+def claim_and_write_chunks(store_path: str, work: str, chunks: int) -> None:
+    """A builder of one shard: claim, then commit `chunks` chunks of 10 rows (the same rows on
+    every run, as a rebuilt shard would be), a pause between chunks so it can be killed there."""
+    store = open_store(store_path, run=RunInfo.new(f"worker chunks {work}"))
+    with store.claim(work) as lease:
+        if lease.taken_over is not None:
+            print(f"took over from run {lease.taken_over.run_id}", flush=True)
+        for c in range(chunks):
+            store.append("prompts", prompt_rows(c * 10, 10))
+            print(f"done {c}", flush=True)
+            time.sleep(0.5)
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "append":
@@ -97,6 +110,8 @@ if __name__ == "__main__":
         create(args[0])
     elif mode == "fsize":
         append_past_file_size_limit(args[0], int(args[1]))
+    elif mode == "claimwrite":
+        claim_and_write_chunks(args[0], args[1], int(args[2]))
     elif mode == "hang":
         claim_and_hang(args[0], args[1])
     else:
