@@ -21,6 +21,7 @@ from selm_data.errors import SelmError
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
 from selm_data.publish.snapshot import POLICY_RULE, Filters, export
 from selm_data.sources.dataset import LAYOUTS, load_source
+from selm_data.store import maintenance
 from selm_data.store.schema import TABLES
 from selm_data.store.store import RunInfo, Store, command_line, open_store
 from selm_data.verify import verify
@@ -176,6 +177,50 @@ def verify_cmd(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         out.add_row(p.table, p.check, p.detail)
     console.print(out)
     raise typer.Exit(1)
+
+
+TablesOpt = Annotated[list[str] | None, typer.Option(
+    "--table", help="Only this table (repeat for more). Default: every table.")]
+
+
+@app.command("optimize")
+def optimize_cmd(manifest: ManifestOpt = None, store: StoreOpt = None,
+                 table: TablesOpt = None) -> None:
+    """Compact each table's small files and write a checkpoint, so appends stay fast in a
+    store used for months. Safe while builders write (each table under its append lock)."""
+    s = _open(store, manifest)
+    out = Table(title=f"optimize {s.uri}")
+    for col in ("table", "files removed", "files added", "version"):
+        out.add_column(col)
+    for r in maintenance.optimize(s, tables=table):
+        out.add_row(r.table, str(r.files_removed), str(r.files_added), str(r.version))
+    console.print(out)
+
+
+@app.command("vacuum")
+def vacuum_cmd(
+    manifest: ManifestOpt = None, store: StoreOpt = None, table: TablesOpt = None,
+    retention_hours: Annotated[int, typer.Option(
+        help="Keep every file a version of the last N hours names (time travel within "
+        "them keeps working).")] = maintenance.DEFAULT_RETENTION_HOURS,
+    apply: Annotated[bool, typer.Option(
+        "--apply", help="Remove the files. Without it: a dry run that counts them.")] = False,
+) -> None:
+    """Remove data files no version within the retention window, no snapshot's versions and
+    no running append needs. A dry run unless --apply."""
+    s = _open(store, manifest)
+    results = maintenance.vacuum(s, retention_hours=retention_hours, dry_run=not apply,
+                                 tables=table)
+    verb = "removed" if apply else "would remove"
+    out = Table(title=f"vacuum {s.uri} (retention {retention_hours} h)")
+    for col in ("table", f"files {verb}", "versions kept for snapshots"):
+        out.add_column(col)
+    for r in results:
+        out.add_row(r.table, str(len(r.files)), ", ".join(map(str, r.kept_versions)) or "-")
+    console.print(out)
+    total = sum(len(r.files) for r in results)
+    console.print(f"{verb} {total} file(s)" + ("" if apply else "; run with --apply to remove "
+                                                "them"), highlight=False)
 
 
 @app.command("export")

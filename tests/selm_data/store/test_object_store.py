@@ -14,10 +14,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from s3server import SECRET, child_env
 from typer.testing import CliRunner
 
 from helpers import chain_rows
+from s3server import SECRET, child_env
 from selm_data import LeaseHeldError, StoreError, open_store, verify
 from selm_data.publish.snapshot import export, local_folder, snapshot_row
 from selm_data.store.location import parse_location
