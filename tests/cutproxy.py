@@ -1,7 +1,9 @@
 """A TCP proxy on 127.0.0.1 for failure injection: `python cutproxy.py LISTEN_PORT TARGET_PORT`.
 
 SIGUSR1: reset every open connection and reset new ones at once (a server that drops
-requests, mid-commit included). SIGUSR2: forward again. Runs until terminated.
+requests). SIGHUP: do that when the next Delta commit arrives (a PUT of a `_delta_log/` JSON
+file), before forwarding it: the data files of that commit are uploaded, the commit is not.
+SIGUSR2: forward again. Runs until terminated.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import threading
 
 cut = threading.Event()
+armed = threading.Event()  # cut at the next commit
 open_sockets: set[socket.socket] = set()
 lock = threading.Lock()
 
@@ -31,6 +34,10 @@ def pump(src: socket.socket, dst: socket.socket) -> None:
     try:
         while not cut.is_set():
             data = src.recv(65536)
+            if armed.is_set() and data.startswith(b"PUT ") and b"/_delta_log/" in \
+                    data.split(b"\r\n", 1)[0] and b".json" in data.split(b"\r\n", 1)[0]:
+                armed.clear()
+                on_cut()
             if not data or cut.is_set():
                 break
             dst.sendall(data)
@@ -59,10 +66,15 @@ def on_mend(*_: object) -> None:
     cut.clear()
 
 
+def on_arm(*_: object) -> None:
+    armed.set()
+
+
 def main() -> None:
     listen, target = int(sys.argv[1]), int(sys.argv[2])
     signal.signal(signal.SIGUSR1, on_cut)
     signal.signal(signal.SIGUSR2, on_mend)
+    signal.signal(signal.SIGHUP, on_arm)
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("127.0.0.1", listen))

@@ -120,6 +120,10 @@ class Proxy:
         self.process.send_signal(signal.SIGUSR1)
         time.sleep(0.2)
 
+    def cut_at_next_commit(self) -> None:
+        self.process.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+
     def mend(self) -> None:
         self.process.send_signal(signal.SIGUSR2)
         time.sleep(0.2)

@@ -278,8 +278,10 @@ def exclusive(location: Location, name: str, *, run_id: str, command: str) -> It
     pause = 0.02
     while True:
         try:
+            # never longer than a work lease: a lock whose release failed (an outage) frees
+            # itself no later than the work it guards would
             lease = claim(location, name, run_id=run_id, command=command,
-                          ttl_s=TABLE_LOCK_TTL_S)
+                          ttl_s=min(TABLE_LOCK_TTL_S, lease_ttl()))
             break
         except LeaseHeldError as e:
             if time.monotonic() > deadline:

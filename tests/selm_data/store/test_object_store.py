@@ -194,6 +194,47 @@ def test_status_lists_object_leases(s3_uri):
     assert states["work/a"] == "released"
 
 
+# --- failure injection: a server that drops requests -------------------------------------
+
+
+def test_a_dropped_commit_leaves_the_last_version_and_the_rerun_completes(s3_uri, proxy,
+                                                                          monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("SELM_LEASE_TTL_S", "2")  # the table lock whose release was cut
+    store = new_store(s3_uri)
+    rows = chain_rows(1, 10)["prompts"]
+    good = store.append("prompts", rows[:5]).version
+    proxy.cut_at_next_commit()  # the data files go up, the commit's PUT is reset
+    with pytest.raises(StoreError, match=f"unchanged at version {good}") as e:
+        store.append("prompts", rows)
+    assert SECRET not in str(e.value)
+    proxy.mend()
+    again = open_store(s3_uri)
+    assert again.version("prompts") == good
+    assert again.scan("prompts").collect().height == 5
+    assert verify(again) == []
+    rerun = again.append("prompts", rows)
+    assert (rerun.added, rerun.skipped) == (5, 5)
+    assert again.scan("prompts").collect()["prompt_id"].n_unique() == 10
+    assert verify(again) == []
+
+
+def test_a_server_gone_mid_append_leaves_the_store_whole(s3_uri, proxy, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("SELM_LEASE_TTL_S", "2")
+    store = new_store(s3_uri)
+    rows = chain_rows(1, 10)["prompts"]
+    good = store.append("prompts", rows[:5]).version
+    proxy.cut()
+    with pytest.raises(StoreError, match=r"run the command again|unchanged at version"):
+        store.append("prompts", rows)
+    proxy.mend()
+    again = open_store(s3_uri)
+    assert again.version("prompts") == good and verify(again) == []
+    assert again.append("prompts", rows).added == 5
+    assert verify(again) == []
+
+
 # --- no credential anywhere -----------------------------------------------------------------
 
 
