@@ -184,16 +184,23 @@ TablesOpt = Annotated[list[str] | None, typer.Option(
 
 
 @app.command("optimize")
-def optimize_cmd(manifest: ManifestOpt = None, store: StoreOpt = None,
-                 table: TablesOpt = None) -> None:
-    """Compact each table's small files and write a checkpoint, so appends stay fast in a
-    store used for months. Safe while builders write (each table under its append lock)."""
+def optimize_cmd(
+    manifest: ManifestOpt = None, store: StoreOpt = None, table: TablesOpt = None,
+    retention_hours: Annotated[int, typer.Option(
+        help="Keep the log of every version of the last N hours (time travel within them "
+        "keeps working); snapshots' versions are always kept.")
+    ] = maintenance.DEFAULT_RETENTION_HOURS,
+) -> None:
+    """Compact each table's small files, write a checkpoint and drop log entries older than
+    the retention window, so appends stay fast in a store used for months. Safe while
+    builders write (each table under its append lock)."""
     s = _open(store, manifest)
-    out = Table(title=f"optimize {s.uri}")
-    for col in ("table", "files removed", "files added", "version"):
+    out = Table(title=f"optimize {s.uri} (retention {retention_hours} h)")
+    for col in ("table", "files removed", "files added", "log entries removed", "version"):
         out.add_column(col)
-    for r in maintenance.optimize(s, tables=table):
-        out.add_row(r.table, str(r.files_removed), str(r.files_added), str(r.version))
+    for r in maintenance.optimize(s, tables=table, retention_hours=retention_hours):
+        out.add_row(r.table, str(r.files_removed), str(r.files_added),
+                    str(r.log_entries_removed), str(r.version))
     console.print(out)
 
 

@@ -54,6 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from selm_data.errors import SelmError
+from selm_data.store.maintenance import pin_checkpoints
 from selm_data.store.schema import MESSAGES, canonical_json
 from selm_data.store.store import Store, package_version
 
@@ -147,6 +148,8 @@ def export(store: Store, iteration: int, *, name: str | None = None,
                 "table_versions": [{"table": t, "version": v} for t, v in versions.items()],
                 "filters": filters.as_json(),
             }])
+            for t, v in versions.items():  # readable at these versions after log cleanup
+                pin_checkpoints(store, t, [v])
             return Snapshot(name, iteration, final, files, table.num_rows, content_hash,
                             versions, filters, layout, created=True,
                             policy_pair=has_policy(table))

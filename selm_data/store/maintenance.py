@@ -4,9 +4,18 @@ Every append is one Delta commit with a few small files, and a commit's cost gro
 number of files in the table (bench/README.md: about 21 ms more per 1,000 files). So:
 
 - `optimize` compacts each table's small files into few large ones per partition (a commit
-  that removes the old files and adds the new, with the same rows: no data change) and writes
-  a checkpoint, so the next reader and writer start from one Parquet file instead of replaying
-  JSON commits. Readers of older versions still see the old files until `vacuum` removes them.
+  that removes the old files and adds the new, with the same rows: no data change), writes a
+  checkpoint, and removes the log entries (JSON commits, old checkpoints) of versions before the
+  retention window. Measured (bench/store_longevity.py), the growing cost of a commit is the
+  number of entries in `_delta_log/` that delta-rs lists on every refresh and commit, one per
+  commit, not the data files nor the tombstones: compaction alone does not bring it back.
+  Readers of older versions still see the old data files until `vacuum` removes them.
+- Snapshots pin versions: the versions every snapshot was exported from stay readable
+  forever (the card and provenance read them). Their data files are kept by `vacuum`
+  (`keep_versions`), and each such version gets a checkpoint of its own (written at export,
+  or here for older snapshots) that log cleanup never removes: a version with a checkpoint
+  needs no other log entry. delta-rs's own expired-log cleanup is switched off
+  (`delta.enableExpiredLogCleanup=false`), since it knows nothing of snapshots.
 - `vacuum` deletes data files that no version inside the retention window still names, and
   files that were never committed (a failed write's) once older than the window, except the
   files of every version a snapshot was exported from (`keep_versions`): a snapshot's lineage
@@ -22,10 +31,12 @@ exports live outside the tables and are never touched.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pyarrow.fs as pafs
-from deltalake import CommitProperties
+from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import DeltaError
 
 from selm_data.errors import StoreError
@@ -34,6 +45,8 @@ from selm_data.store.schema import TABLES
 from selm_data.store.store import Store
 
 DEFAULT_RETENTION_HOURS = 168  # Delta's default (delta.deletedFileRetentionDuration, a week)
+NO_AUTO_CLEANUP = {"delta.enableExpiredLogCleanup": "false"}
+_LOG_ENTRY = re.compile(r"^(\d{20})\.(json|crc|checkpoint\.parquet|checkpoint\.\d+\.\d+\.parquet)$")
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ class Optimized:
     files_removed: int
     files_added: int
     version: int  # after compaction and checkpoint
+    log_entries_removed: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,18 +65,27 @@ class Vacuumed:
     kept_versions: list[int]  # versions kept readable because a snapshot names them
 
 
-def optimize(store: Store, *, tables: list[str] | None = None,
-             target_size: int | None = None) -> list[Optimized]:
-    """Compact each table (all partitions) and checkpoint it. See the module docstring.
+def optimize(store: Store, *, tables: list[str] | None = None, target_size: int | None = None,
+             retention_hours: int = DEFAULT_RETENTION_HOURS) -> list[Optimized]:
+    """Compact each table (all partitions), checkpoint it, and remove the log entries of
+    versions older than `retention_hours` that no snapshot pins. See the module docstring.
 
     Raises:
         StoreError: an unknown table, or a failure of delta-rs (the table is then unchanged).
     """
+    if retention_hours < 0:
+        raise StoreError(f"--retention-hours {retention_hours}: give 0 or more hours")
+    pinned = snapshot_versions(store)
     out = []
     for table in _tables(tables):
+        keep = sorted(pinned.get(table, set()))
         with store.table_lock(table):
             dt = store.delta_table(table)
             try:
+                if dt.metadata().configuration.get(
+                        "delta.enableExpiredLogCleanup") != "false":
+                    dt.alter.set_table_properties(NO_AUTO_CLEANUP)
+                pin_checkpoints(store, table, keep)
                 metrics = dt.optimize.compact(
                     target_size=target_size,
                     commit_properties=CommitProperties(
@@ -70,12 +93,47 @@ def optimize(store: Store, *, tables: list[str] | None = None,
                                          "optimize"}))
                 dt.update_incremental()
                 dt.create_checkpoint()
-            except DeltaError as e:
-                raise StoreError(f"optimize {table} failed: {scrub(str(e))}. The table is "
+                removed = _clean_log(store, table, retention_hours, keep)
+            except (DeltaError, OSError) as e:
+                raise StoreError(f"optimize {table} failed: {scrub(str(e))}. Its rows are "
                                  "unchanged (compaction is one commit); run it again.") from None
         out.append(Optimized(table, int(metrics.get("numFilesRemoved", 0)),
-                             int(metrics.get("numFilesAdded", 0)), dt.version()))
+                             int(metrics.get("numFilesAdded", 0)), dt.version(), removed))
     return out
+
+
+def pin_checkpoints(store: Store, table: str, versions: list[int]) -> None:
+    """A checkpoint at each of `versions`, so each stays readable after log cleanup.
+
+    Needs the log up to each version, so it is done at export (`publish.snapshot`) and again
+    here for snapshots made before this existed.
+    """
+    for version in versions:
+        name = f"{table}/_delta_log/{version:020d}.checkpoint.parquet"
+        if store.fs.get_file_info(name).type == pafs.FileType.NotFound:
+            DeltaTable(store.table_uri(table), version=version).create_checkpoint()
+
+
+def _clean_log(store: Store, table: str, retention_hours: int, pinned: list[int]) -> int:
+    """Remove the log entries of versions before the newest checkpoint written before the
+    retention window began: every version from that checkpoint on stays readable, which covers
+    the window. The pinned versions' own checkpoints stay. Returns how many entries went."""
+    cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
+    entries = []
+    for info in store.fs.get_file_info(pafs.FileSelector(f"{table}/_delta_log")):
+        match = _LOG_ENTRY.match(info.base_name)
+        if match and info.type == pafs.FileType.File:
+            entries.append((int(match.group(1)), match.group(2), info))
+    old_checkpoints = [v for v, kind, info in entries if kind == "checkpoint.parquet"
+                       and info.mtime is not None and info.mtime <= cutoff]
+    if not old_checkpoints:
+        return 0
+    start = max(old_checkpoints)
+    keep = {f"{v:020d}.checkpoint.parquet" for v in pinned}
+    doomed = [info.path for v, _, info in entries if v < start and info.base_name not in keep]
+    for path in doomed:
+        store.fs.delete_file(path)
+    return len(doomed)
 
 
 def vacuum(store: Store, *, retention_hours: int = DEFAULT_RETENTION_HOURS,
@@ -137,5 +195,5 @@ def _tables(names: list[str] | None) -> list[str]:
     return names
 
 
-__all__ = ["DEFAULT_RETENTION_HOURS", "Optimized", "Vacuumed", "optimize", "snapshot_versions",
-           "vacuum"]
+__all__ = ["DEFAULT_RETENTION_HOURS", "Optimized", "Vacuumed", "optimize", "pin_checkpoints",
+           "snapshot_versions", "vacuum"]

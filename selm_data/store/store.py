@@ -459,6 +459,9 @@ def _create_tables(location: Location, run: RunInfo) -> None:
                     # checkpoint is most of a commit's cost, so checkpoint every 10, not 100
                     # (measured: 5 ms instead of 9 ms a commit, 2 ms instead of 6 ms a refresh).
                     "delta.checkpointInterval": str(CHECKPOINT_INTERVAL),
+                    # delta-rs would delete log entries older than 30 days at each checkpoint,
+                    # snapshots' versions included; `selm-data optimize` cleans the log instead
+                    "delta.enableExpiredLogCleanup": "false",
                 },
                 commit_properties=CommitProperties(custom_metadata=run.commit_metadata()),
             )

@@ -99,3 +99,51 @@ def test_optimize_and_vacuum_while_another_process_appends(tmp_path):
     prompts = store.scan("prompts").collect()
     assert prompts.height == 150 and prompts["prompt_id"].n_unique() == 150
     assert verify(store) == []
+
+
+def log_entries(store, table: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    return sorted(i.base_name for i in store.fs.get_file_info(
+        pafs.FileSelector(f"{table}/_delta_log")) if i.base_name[0].isdigit())
+
+
+def test_optimize_drops_the_old_log_but_snapshot_versions_stay_readable(location):
+    from deltalake.exceptions import DeltaError
+
+    from selm_data.publish.snapshot import Filters, snapshot_row, snapshot_table
+
+    store = open_store(location, create=True, run=RunInfo.new("pytest maintenance"))
+    first, later = chain_rows(1, 6), chain_rows(1, 30)["prompts"][6:]
+    for table in ("responses", "judgments", "pairs"):
+        store.append(table, first[table])
+    for row in first["prompts"]:
+        store.append("prompts", [row])
+    export(store, 1, name="it1")
+    pinned = store.version("prompts")
+    versions = {v["table"]: v["version"] for v in snapshot_row(store, "it1")["table_versions"]}
+    for row in later:
+        store.append("prompts", [row])
+    # a snapshot from before exports pinned checkpoints: optimize writes the missing one
+    store.fs.delete_file(f"prompts/_delta_log/{pinned:020d}.checkpoint.parquet")
+    unpinned = store.version("prompts") - 5
+    entries = len(log_entries(store, "prompts"))
+
+    result = optimize(store, tables=["prompts"], retention_hours=0)[0]
+    assert result.log_entries_removed > 0
+    latest = store.version("prompts")
+    # what is left: the pinned version's checkpoint, and the newest version's commit and
+    # checkpoint (entries before the optimize's own commits all went)
+    assert log_entries(store, "prompts") == [
+        f"{pinned:020d}.checkpoint.parquet", f"{latest:020d}.checkpoint.parquet",
+        f"{latest:020d}.json"]
+    assert result.log_entries_removed >= entries - 1
+    assert store.scan("prompts", version=pinned).collect().height == 6
+    assert snapshot_table(store, 1, versions, Filters()).num_rows == 6  # as provenance reads it
+    with pytest.raises((DeltaError, OSError, Exception)):  # outside the window, not pinned
+        store.scan("prompts", version=unpinned).collect()
+    assert store.append("prompts", chain_rows(1, 31)["prompts"][30:]).added == 1
+    assert store.scan("prompts").collect().height == 31
+    assert verify(store) == []
+    # a window that covers every commit removes nothing
+    assert optimize(store, tables=["prompts"])[0].log_entries_removed == 0
