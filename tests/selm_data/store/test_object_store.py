@@ -258,3 +258,12 @@ def test_planted_secret_is_nowhere(s3_uri, s3_server, caplog, capfd):
     assert SECRET not in out and SECRET not in err
     assert not [json.loads(v) for k, v in objects.items() if k.endswith("selm-store.json")
                 and "AWS" in v.decode()]
+
+
+def test_messages_are_scrubbed_of_secrets_the_environment_holds(monkeypatch):
+    from selm_data.store.location import scrub
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("SOME_SERVICE_TOKEN", "tok-1234567890")
+    message = f"request failed: key {SECRET}, token tok-1234567890, region us-east-1"
+    assert scrub(message) == "request failed: key ***, token ***, region us-east-1"
