@@ -267,3 +267,20 @@ def test_messages_are_scrubbed_of_secrets_the_environment_holds(monkeypatch):
     monkeypatch.setenv("SOME_SERVICE_TOKEN", "tok-1234567890")
     message = f"request failed: key {SECRET}, token tok-1234567890, region us-east-1"
     assert scrub(message) == "request failed: key ***, token ***, region us-east-1"
+
+
+@pytest.mark.slow
+def test_a_real_build_exports_and_verifies_at_s3(s3_uri, tmp_path, tiny_lm, tiny_rm):
+    """The builder, unchanged, on tiny models built on the spot, into a store at a URI."""
+    from helpers import manifest_dict
+    from selm_data.builder.iteration import build
+    from selm_data.manifest import Manifest
+
+    m = Manifest.model_validate(manifest_dict(tmp_path, tiny_lm, tiny_rm, store=s3_uri))
+    store = open_store(m.store, create=True, run=RunInfo.new("pytest s3 build"))
+    report = build(m, 1, store)
+    assert (report.prompts, report.pairs, report.failed) == (12, 12, [])
+    assert build(m, 1, open_store(s3_uri)).generated == 0  # resumed: nothing twice
+    snap = export(store, 1)
+    assert snap.row_count == 12 and verify(open_store(s3_uri)) == []
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("s3")] == []
