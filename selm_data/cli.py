@@ -518,8 +518,10 @@ def eval_cmd(
                                                                      total=total))
     files = []
     if report.complete:
+        # the judges read local files: beside a local store, else ./evals here
+        default = s.root / "evals" if s.location.is_local else Path("evals")
         files = write_answer_files(s, prompt_set, target, report.sampling,
-                                   out or s.root / "evals", name=name, limit=limit)
+                                   out or default, name=name, limit=limit)
     table = Table(title=f"{target.label} on {prompt_set.name}")
     table.add_column("")
     table.add_column("", justify="left")

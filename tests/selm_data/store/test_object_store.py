@@ -284,3 +284,22 @@ def test_a_real_build_exports_and_verifies_at_s3(s3_uri, tmp_path, tiny_lm, tiny
     snap = export(store, 1)
     assert snap.row_count == 12 and verify(open_store(s3_uri)) == []
     assert [p for p in tmp_path.iterdir() if p.name.startswith("s3")] == []
+
+
+def test_lineage_diff_and_push_dry_run_read_an_s3_store(s3_uri, tmp_path, monkeypatch):
+    from selm_data.publish.diff import diff
+    from selm_data.publish.hub import dry_run
+    from selm_data.publish.lineage import lineage
+
+    monkeypatch.setenv("SELM_CACHE", str(tmp_path / "cache"))
+    store = new_store(s3_uri)
+    rows = chain_rows(1, 4)
+    for table in CHAIN:
+        store.append(table, rows[table])
+    export(store, 1, name="it1")
+    pair_id = store.scan("pairs").collect()["pair_id"][0]
+    assert "it1" in str(lineage(store, pair_id))  # the snapshots holding the pair
+    d = diff(store, "it1", 1)
+    assert (d.pairs_shared, d.pairs_only_a, d.pairs_only_b) == (4, 0, 0)
+    written = dry_run(store, "it1", tmp_path / "push")
+    assert (tmp_path / "push" / "README.md").is_file() and written
