@@ -62,6 +62,12 @@ class _S3:
     """The five calls a lease needs, on one bucket and prefix."""
 
     def __init__(self, location: Location):
+        if location.scheme != "s3":
+            raise StoreError(
+                f"{location.uri}: writing needs leases (one per append, and one per shard), and "
+                "selm implements them on S3 only so far, not yet on GCS or Azure. Reading "
+                "works; to write, use an s3:// store (or an S3-compatible endpoint) or a "
+                "local folder.")
         try:
             import boto3
             from botocore.config import Config
