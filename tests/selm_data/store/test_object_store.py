@@ -69,6 +69,13 @@ def test_cli_keeps_an_s3_store_on_s3(s3_uri, s3_server, tmp_path, monkeypatch):
     assert f"{prefix}/selm-store.json" in s3_server.objects()
     result = CliRunner().invoke(app, ["verify", "--store", s3_uri])
     assert result.exit_code == 0 and "consistent" in result.output, result.output
+    result = CliRunner().invoke(app, ["optimize", "--store", s3_uri, "--table", "runs"])
+    assert result.exit_code == 0 and "runs" in result.output, result.output
+    result = CliRunner().invoke(app, ["vacuum", "--store", s3_uri, "--retention-hours", "0"])
+    assert result.exit_code == 0 and "would remove" in result.output, result.output
+    result = CliRunner().invoke(app, ["status", "--store", s3_uri])
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- the store at a URI -----------------------------------------------------------------------
