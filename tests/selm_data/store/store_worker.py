@@ -34,8 +34,15 @@ def append_batches(store_path: str, batches: int, rows: int, first: int) -> None
         print(f"done {b}", flush=True)
 
 
-def claim_and_write(store_path: str, work: str, hold: float, first: int) -> None:
+def claim_and_write(store_path: str, work: str, hold: float, first: int,
+                    go: str | None = None) -> None:
     store = open_store(store_path, run=RunInfo.new(f"worker claim {work}"))
+    if go is not None:  # claimants start together: the claim itself is the race
+        import boto3  # noqa: F401  (imported before the start, as claim would)
+
+        print("ready", flush=True)
+        while not Path(go).exists():
+            time.sleep(0.001)
     try:
         lease = store.claim(work)
     except LeaseHeldError as e:
@@ -103,7 +110,8 @@ if __name__ == "__main__":
     if mode == "append":
         append_batches(args[0], int(args[1]), int(args[2]), int(args[3]))
     elif mode == "claim":
-        claim_and_write(args[0], args[1], float(args[2]), int(args[3]))
+        claim_and_write(args[0], args[1], float(args[2]), int(args[3]),
+                        args[4] if len(args) > 4 else None)
     elif mode == "overlap":
         append_on_signal(args[0], args[1], int(args[2]), int(args[3]))
     elif mode == "create":

@@ -145,6 +145,19 @@ def test_two_claimants_of_one_shard_only_one_builds(s3_uri):
         assert lease.taken_over is None
 
 
+def test_claimants_racing_for_one_shard_at_once_exactly_one_wins(s3_uri, tmp_path):
+    new_store(s3_uri)
+    go = tmp_path / "go"
+    racers = [worker("claim", s3_uri, "build/iter=1/shard=1-of-2", "3", "0", str(go))
+              for _ in range(4)]
+    for r in racers:
+        assert r.stdout.readline() == "ready\n"
+    go.touch()
+    codes = [r.wait(120) for r in racers]
+    assert sorted(codes) == [0, 3, 3, 3], [r.stderr.read() for r in racers]
+    assert open_store(s3_uri).scan("prompts").collect().height == 10
+
+
 def test_a_killed_holder_is_taken_over_after_expiry_and_nothing_is_lost(s3_uri):
     store = new_store(s3_uri)
     dead = worker("hang", s3_uri, "build/iter=1/shard=0-of-1", ttl=2.0)
