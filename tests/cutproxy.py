@@ -3,7 +3,9 @@
 SIGUSR1: reset every open connection and reset new ones at once (a server that drops
 requests). SIGHUP: do that when the next Delta commit arrives (a PUT of a `_delta_log/` JSON
 file), before forwarding it: the data files of that commit are uploaded, the commit is not.
-SIGUSR2: forward again. Runs until terminated.
+SIGALRM: forward the next commit's PUT, then reset that connection before its reply: the server
+has the commit, the client does not know (an ambiguous commit). SIGUSR2: forward again. Runs
+until terminated.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 cut = threading.Event()
 armed = threading.Event()  # cut at the next commit
+lose_reply = threading.Event()  # forward the next commit, then lose its reply
 open_sockets: set[socket.socket] = set()
 lock = threading.Lock()
 
@@ -34,8 +38,14 @@ def pump(src: socket.socket, dst: socket.socket) -> None:
     try:
         while not cut.is_set():
             data = src.recv(65536)
-            if armed.is_set() and data.startswith(b"PUT ") and b"/_delta_log/" in \
-                    data.split(b"\r\n", 1)[0] and b".json" in data.split(b"\r\n", 1)[0]:
+            if lose_reply.is_set() and is_commit(data):
+                lose_reply.clear()
+                dst.sendall(data)
+                time.sleep(0.5)  # the server applies it
+                reset(src)
+                reset(dst)
+                return
+            if armed.is_set() and is_commit(data):
                 armed.clear()
                 on_cut()
             if not data or cut.is_set():
@@ -70,11 +80,21 @@ def on_arm(*_: object) -> None:
     armed.set()
 
 
+def on_lose_reply(*_: object) -> None:
+    lose_reply.set()
+
+
+def is_commit(data: bytes) -> bool:
+    line = data.split(b"\r\n", 1)[0]
+    return data.startswith(b"PUT ") and b"/_delta_log/" in line and b".json" in line
+
+
 def main() -> None:
     listen, target = int(sys.argv[1]), int(sys.argv[2])
     signal.signal(signal.SIGUSR1, on_cut)
     signal.signal(signal.SIGUSR2, on_mend)
     signal.signal(signal.SIGHUP, on_arm)
+    signal.signal(signal.SIGALRM, on_lose_reply)
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("127.0.0.1", listen))

@@ -124,6 +124,10 @@ class Proxy:
         self.process.send_signal(signal.SIGHUP)
         time.sleep(0.2)
 
+    def lose_next_commit_reply(self) -> None:
+        self.process.send_signal(signal.SIGALRM)
+        time.sleep(0.2)
+
     def mend(self) -> None:
         self.process.send_signal(signal.SIGUSR2)
         time.sleep(0.2)

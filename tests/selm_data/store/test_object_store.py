@@ -4,6 +4,7 @@ expiry, and a credential planted in the environment that must appear nowhere."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -236,6 +237,26 @@ def test_a_dropped_commit_leaves_the_last_version_and_the_rerun_completes(s3_uri
     rerun = again.append("prompts", rows)
     assert (rerun.added, rerun.skipped) == (5, 5)
     assert again.scan("prompts").collect()["prompt_id"].n_unique() == 10
+    assert verify(again) == []
+
+
+def test_a_commit_whose_reply_is_lost_is_not_doubled(s3_uri, proxy, monkeypatch):
+    """The server stores the commit, the reply never arrives: delta-rs retries, finds the
+    version taken and commits the same files again at the next version (or the append fails
+    and is rerun). Either way each row is stored once: a file added twice is one file."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("SELM_LEASE_TTL_S", "2")
+    store = new_store(s3_uri)
+    rows = chain_rows(1, 10)["prompts"]
+    good = store.append("prompts", rows[:5]).version
+    proxy.lose_next_commit_reply()
+    with contextlib.suppress(StoreError):
+        store.append("prompts", rows[5:])
+    again = open_store(s3_uri)
+    assert again.version("prompts") > good  # the lost reply's commit is there
+    again.append("prompts", rows)  # the rerun
+    prompts = again.scan("prompts").collect()
+    assert prompts.height == 10 and prompts["prompt_id"].n_unique() == 10
     assert verify(again) == []
 
 
