@@ -21,6 +21,7 @@ from selm_data.errors import SelmError
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
 from selm_data.publish.snapshot import POLICY_RULE, Filters, export
 from selm_data.sources.dataset import LAYOUTS, load_source
+from selm_data.store import maintenance
 from selm_data.store.schema import TABLES
 from selm_data.store.store import RunInfo, Store, command_line, open_store
 from selm_data.verify import verify
@@ -46,24 +47,25 @@ ManifestOpt = Annotated[
         help="Manifest YAML. Default: $SELM_MANIFEST, else ./selm.yaml, else manifests/demo.yaml.",
     ),
 ]
-StoreOpt = Annotated[
-    Path | None,
-    typer.Option("--store", "-s", help="Store folder. Default: the manifest's `store`."),
+StoreOpt = Annotated[  # str, not Path: Path("s3://b/x") is the local folder "s3:/b/x"
+    str | None,
+    typer.Option("--store", "-s", help="Store folder or URI (s3://bucket/path, gs://, az://). "
+                 "Default: the manifest's `store`."),
 ]
 
-def _resolve(store: Path | None, manifest: Path | None) -> tuple[Path, Manifest | None]:
+def _resolve(store: str | None, manifest: Path | None) -> tuple[str, Manifest | None]:
     """The store to use, and the manifest when one was given or found."""
     if store is not None and manifest is None:
         return store, None
     loaded = load_manifest(find_manifest(manifest))
-    return (store or Path(loaded.store)), loaded
+    return (store or loaded.store), loaded
 
 
 def _run_info(manifest: Manifest | None) -> RunInfo:
     return RunInfo.new(command_line()) if manifest is None else manifest.run_info(command_line())
 
 
-def _open(store: Path | None, manifest: Path | None, *, create: bool = False) -> Store:
+def _open(store: str | None, manifest: Path | None, *, create: bool = False) -> Store:
     path, loaded = _resolve(store, manifest)
     return open_store(path, create=create, run=_run_info(loaded))
 
@@ -73,14 +75,14 @@ def init(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
     """Create the store (or add tables a newer selm defines) and record this run's manifest."""
     s = _open(store, manifest, create=True)
     s.record_run()
-    console.print(f"store ready at [bold]{s.root}[/] (run {s.run.run_id})")
+    console.print(f"store ready at [bold]{s.uri}[/] (run {s.run.run_id})")
 
 
 @app.command()
 def status(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
     """What the store holds: tables and versions, work per iteration, snapshots, leases."""
     s = _open(store, manifest)
-    tables = Table(title=f"store {s.root}")
+    tables = Table(title=f"store {s.uri}")
     for col in ("table", "version", "rows"):
         tables.add_column(col, justify="left" if col == "table" else "right")
     for name in TABLES:
@@ -143,7 +145,7 @@ def log(
         key=lambda c: (c.timestamp, c.version),
         reverse=True,
     )[:limit]
-    out = Table(title=f"commits in {s.root}")
+    out = Table(title=f"commits in {s.uri}")
     for col in ("time", "table", "version", "operation", "rows", "run", "manifest", "command"):
         out.add_column(col)
     for c in commits:
@@ -166,15 +168,66 @@ def verify_cmd(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
     s = _open(store, manifest)
     problems = verify(s)
     if not problems:
-        console.print(f"[green]ok[/]: {len(TABLES)} tables in {s.root} are consistent")
+        console.print(f"[green]ok[/]: {len(TABLES)} tables in {s.uri} are consistent")
         return
-    out = Table(title=f"{len(problems)} problem(s) in {s.root}")
+    out = Table(title=f"{len(problems)} problem(s) in {s.uri}")
     for col in ("table", "check", "detail"):
         out.add_column(col)
     for p in problems:
         out.add_row(p.table, p.check, p.detail)
     console.print(out)
     raise typer.Exit(1)
+
+
+TablesOpt = Annotated[list[str] | None, typer.Option(
+    "--table", help="Only this table (repeat for more). Default: every table.")]
+
+
+@app.command("optimize")
+def optimize_cmd(
+    manifest: ManifestOpt = None, store: StoreOpt = None, table: TablesOpt = None,
+    retention_hours: Annotated[int, typer.Option(
+        help="Keep the log of every version of the last N hours (time travel within them "
+        "keeps working); snapshots' versions are always kept.")
+    ] = maintenance.DEFAULT_RETENTION_HOURS,
+) -> None:
+    """Compact each table's small files, write a checkpoint and drop log entries older than
+    the retention window, so appends stay fast in a store used for months. Safe while
+    builders write (each table under its append lock)."""
+    s = _open(store, manifest)
+    out = Table(title=f"optimize {s.uri} (retention {retention_hours} h)")
+    for col in ("table", "files removed", "files added", "log entries removed", "version"):
+        out.add_column(col)
+    for r in maintenance.optimize(s, tables=table, retention_hours=retention_hours):
+        out.add_row(r.table, str(r.files_removed), str(r.files_added),
+                    str(r.log_entries_removed), str(r.version))
+    console.print(out)
+
+
+@app.command("vacuum")
+def vacuum_cmd(
+    manifest: ManifestOpt = None, store: StoreOpt = None, table: TablesOpt = None,
+    retention_hours: Annotated[int, typer.Option(
+        help="Keep every file a version of the last N hours names (time travel within "
+        "them keeps working).")] = maintenance.DEFAULT_RETENTION_HOURS,
+    apply: Annotated[bool, typer.Option(
+        "--apply", help="Remove the files. Without it: a dry run that counts them.")] = False,
+) -> None:
+    """Remove data files no version within the retention window, no snapshot's versions and
+    no running append needs. A dry run unless --apply."""
+    s = _open(store, manifest)
+    results = maintenance.vacuum(s, retention_hours=retention_hours, dry_run=not apply,
+                                 tables=table)
+    verb = "removed" if apply else "would remove"
+    out = Table(title=f"vacuum {s.uri} (retention {retention_hours} h)")
+    for col in ("table", f"files {verb}", "versions kept for snapshots"):
+        out.add_column(col)
+    for r in results:
+        out.add_row(r.table, str(len(r.files)), ", ".join(map(str, r.kept_versions)) or "-")
+    console.print(out)
+    total = sum(len(r.files) for r in results)
+    console.print(f"{verb} {total} file(s)" + ("" if apply else "; run with --apply to remove "
+                                                "them"), highlight=False)
 
 
 @app.command("export")
@@ -200,7 +253,7 @@ def export_cmd(
     policy = " (each with SAIL's policy pair)" if snap.policy_pair else ""
     console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs{policy}, content hash "
                   f"{snap.content_hash[:12]}, {snap.path}", highlight=False, soft_wrap=True)
-    data = snap.path / "data" / "*.parquet"
+    data = f"{snap.path}/data/*.parquet"
     console.print(f'load it: datasets.load_dataset("parquet", data_files="{data}", '
                   f'split="train")  or  pl.read_parquet("{data}")', highlight=False,
                   soft_wrap=True)
@@ -322,7 +375,7 @@ def build_cmd(
 ) -> None:
     """Generate, rank and pair portion N of the dataset; rerun to resume after a crash."""
     loaded = load_manifest(find_manifest(manifest))  # build needs the recipe, even with --store
-    path = store or Path(loaded.store)
+    path = store or loaded.store
     s = open_store(path, create=True, run=_run_info(loaded))
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
@@ -357,7 +410,7 @@ def _print_report(s: Store, report: BuildReport) -> None:
     for pid, reason in report.unranked[:5]:
         console.print(f"  unranked: prompt {pid}: {reason}", highlight=False)
     _print_examples(s, report.iteration)
-    pairs = s.root / "pairs"
+    pairs = s.table_uri("pairs")
     console.print(
         f'look at them: pl.scan_delta("{pairs}").filter(pl.col("iteration") == '
         f"{report.iteration}).collect()", highlight=False, soft_wrap=True,
@@ -410,11 +463,11 @@ ResamplesOpt = Annotated[int, typer.Option(help="Bootstrap resamples of the ques
 SeedOpt = Annotated[int, typer.Option(help="Seed of the bootstrap.")]
 
 
-def _loaded(manifest: Path | None, store: Path | None, *,
+def _loaded(manifest: Path | None, store: str | None, *,
             create: bool = False) -> tuple[Manifest, Store]:
     """Evaluation needs the recipe (policy, generation, ranker) even with --store."""
     loaded = load_manifest(find_manifest(manifest))
-    path = store or Path(loaded.store)
+    path = store or loaded.store
     return loaded, open_store(path, create=create, run=_run_info(loaded))
 
 
@@ -465,8 +518,10 @@ def eval_cmd(
                                                                      total=total))
     files = []
     if report.complete:
+        # the judges read local files: beside a local store, else ./evals here
+        default = s.root / "evals" if s.location.is_local else Path("evals")
         files = write_answer_files(s, prompt_set, target, report.sampling,
-                                   out or s.root / "evals", name=name, limit=limit)
+                                   out or default, name=name, limit=limit)
     table = Table(title=f"{target.label} on {prompt_set.name}")
     table.add_column("")
     table.add_column("", justify="left")

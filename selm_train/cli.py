@@ -109,7 +109,10 @@ def train_cmd(
     if output is None:
         from selm_train.loop import checkpoint_folder
 
-        output = checkpoint_folder(snap.store or snap.folder.parent.parent, t,
+        # beside a local store; for an object-store URI, under ./models on this machine
+        # (checkpoints are written by DeepSpeed/torch to a filesystem, never to the store)
+        beside = Path.cwd() / "store" if isinstance(snap.store, str) else snap.store
+        output = checkpoint_folder(beside or snap.folder.parent.parent, t,
                                    snap.content_hash)
     show = (lambda row: print(json.dumps(row), flush=True)) if json_log else _progress()
     result = train(snapshot, policy, output, m.train_for(t), iteration=t, register=register,

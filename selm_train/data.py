@@ -38,7 +38,14 @@ import torch
 from torch import Tensor
 
 from selm_data.errors import SelmError
-from selm_data.publish.snapshot import LAYOUTS, Layout, files_hash, snapshot_names, snapshot_row
+from selm_data.publish.snapshot import (
+    LAYOUTS,
+    Layout,
+    files_hash,
+    local_folder,
+    snapshot_names,
+    snapshot_row,
+)
 from selm_data.store.schema import SNAPSHOTS, row_id
 from selm_data.store.store import MARKER, open_store
 
@@ -68,7 +75,8 @@ class SnapshotRef:
     layout: Layout
     files: tuple[str, ...]  # relative to folder
     row_count: int
-    store: Path | None  # the store it was named through (STORE@NAME), else None
+    # the store it was named through (STORE@NAME): a folder, or an object-store URI; else None
+    store: Path | str | None
     policy_pair: bool = False  # rows carry SAIL's policy pair (pairing.rule sail)
 
 
@@ -104,6 +112,8 @@ def resolve_snapshot(ref: str) -> SnapshotRef:
 def _from_store(store_path: str, name: str) -> SnapshotRef:
     store = open_store(store_path)
     row = snapshot_row(store, name)
+    if store.location.local is None:  # object store: read a hash-checked local copy
+        return _verified(local_folder(store, row), store=store.uri, row=row)
     folder = store.root / row["path"]  # relative to the store root, so stores can move
     if not (folder / "snapshot.json").is_file():
         raise SelmError(f"snapshot {name!r} is registered in {store.root} but {folder} has no "
@@ -112,7 +122,8 @@ def _from_store(store_path: str, name: str) -> SnapshotRef:
     return _verified(folder, store=store.root, row=row)
 
 
-def _verified(folder: Path, *, store: Path | None, row: dict[str, Any] | None) -> SnapshotRef:
+def _verified(folder: Path, *, store: Path | str | None,
+              row: dict[str, Any] | None) -> SnapshotRef:
     """Read snapshot.json, check it against the store row (if any) and rehash the files."""
     try:
         meta = json.loads((folder / "snapshot.json").read_text())

@@ -24,6 +24,19 @@ def test_store_ingest_runs_and_prints_its_table(tmp_path):
 
 
 @pytest.mark.slow
+def test_store_longevity_runs_and_prints_its_tables(tmp_path):
+    pytest.importorskip("moto", reason="install the test extra: pip install 'selm[test]'")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "store_longevity.py"), "--commits", "30", "--probe", "3",
+         "--s3-commits", "3", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "30 commits, after optimize" in proc.stdout and "S3 (moto" in proc.stdout
+    assert list(tmp_path.iterdir()) == [], "the benchmark cleans up after itself"
+
+
+@pytest.mark.slow
 def test_rank_bench_runs_on_a_tiny_ranker():
     proc = subprocess.run(
         [sys.executable, str(BENCH / "rank.py"), "--size", "tiny", "--prompts", "3",

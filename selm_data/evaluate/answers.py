@@ -429,7 +429,7 @@ def write_answer_files(store: Store, prompt_set: PromptSet, policy: EvalPolicy,
         _write(answer_file, "\n".join(lines) + "\n")
     lineage = {
         "answers": str(answer_file), "format": prompt_set.layout, "name": name,
-        "store": str(store.root), "prompt_set": prompt_set.name,
+        "store": store.uri, "prompt_set": prompt_set.name,
         "prompt_set_hash": prompt_set.hash, "prompt_source": prompt_set.source,
         "policy": policy.model.reference, "policy_fingerprint": policy.model.fingerprint,
         "iteration": policy.iteration, "checkpoint_id": policy.checkpoint_id,

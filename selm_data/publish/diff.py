@@ -13,7 +13,7 @@ from rich.console import Group
 from rich.table import Table
 
 from selm_data.errors import SelmError
-from selm_data.publish.snapshot import READS, Filters, snapshot_row, snapshot_table
+from selm_data.publish.snapshot import READS, Filters, local_folder, snapshot_row, snapshot_table
 from selm_data.publish.stats import fmt_int, fmt_num, fmt_pct
 from selm_data.store.store import Store
 
@@ -90,9 +90,10 @@ def diff(store: Store, a: int | str, b: int | str) -> Diff:
 def _side(store: Store, side: int | str) -> tuple[str, int | None, pl.DataFrame]:
     if isinstance(side, str) and not side.isdigit():
         row = snapshot_row(store, side)
-        files = sorted((store.root / row["path"] / "data").glob("*.parquet"))
+        folder = local_folder(store, row)  # a cached copy for an object-store store
+        files = sorted((folder / "data").glob("*.parquet"))
         if not files:
-            raise SelmError(f"snapshot {side!r} has no files under {store.root / row['path']}; "
+            raise SelmError(f"snapshot {side!r} has no files under {folder}; "
                             "run `selm-data verify`")
         return f"snapshot {side}", row["iteration"], _texts(pl.read_parquet(files))
     iteration = int(side)

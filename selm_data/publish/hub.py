@@ -41,7 +41,7 @@ from typing import Any
 from selm_data.errors import SelmError
 from selm_data.publish.card import CARD_FILE, render_card
 from selm_data.publish.provenance import LINEAGE_FILE, scrub, snapshot_lineage
-from selm_data.publish.snapshot import snapshot_row
+from selm_data.publish.snapshot import local_folder, snapshot_row
 from selm_data.store.store import Store, package_version
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -58,7 +58,7 @@ def repo_files(store: Store, name: str, *, repo_id: str | None = None,
     `secrets` are masked in the card and lineage file should they appear anywhere in the store.
     """
     lineage = snapshot_lineage(store, name, license=license)
-    folder = store.root / snapshot_row(store, name)["path"]
+    folder = local_folder(store, snapshot_row(store, name))  # cached copy for a URI store
     secrets = tuple(secrets)
     files: dict[str, bytes | Path] = {rel: folder / rel for rel in lineage.files}
     files[CARD_FILE] = scrub(render_card(lineage, repo_id=repo_id), secrets).encode("utf-8")

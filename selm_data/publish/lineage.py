@@ -23,6 +23,7 @@ from typing import Any
 import polars as pl
 
 from selm_data.errors import SelmError
+from selm_data.publish.snapshot import local_folder
 from selm_data.store.store import Store
 
 Node = dict[str, Any]
@@ -256,7 +257,7 @@ def _snapshots_holding(store: Store, pair_ids: list[str]) -> list[dict]:
     SAIL policy pair)."""
     held = []
     for snapshot in store.scan("snapshots").collect().iter_rows(named=True):
-        data = store.root / snapshot["path"] / "data"
+        data = local_folder(store, snapshot) / "data"  # cached copy for a URI store
         if not any(data.glob("*.parquet")):
             continue
         files = pl.scan_parquet(data / "*.parquet")

@@ -18,7 +18,7 @@ import polars as pl
 
 from selm_data.errors import SelmError
 from selm_data.manifest import BUNDLED_DATA
-from selm_data.publish.snapshot import POLICY_RULE, check_snapshot, snapshot_row
+from selm_data.publish.snapshot import POLICY_RULE, check_snapshot, local_folder, snapshot_row
 from selm_data.store.store import Store, package_version
 
 LINEAGE_FILE = "selm_lineage.json"
@@ -167,7 +167,7 @@ def snapshot_lineage(store: Store, name: str, *, license: str | None = None) -> 
     problems = check_snapshot(store, row)
     if problems:
         raise SelmError("; ".join(problems) + ". Push refuses a snapshot whose files changed.")
-    folder = store.root / row["path"]
+    folder = local_folder(store, row)  # a cached copy for an object-store store
     meta = json.loads((folder / "snapshot.json").read_text(encoding="utf-8"))
     versions = {v["table"]: v["version"] for v in row["table_versions"]}
     policy_pair = bool(meta.get("policy_pair", False))

@@ -8,6 +8,10 @@ bytes (with the same pyarrow: another Parquet writer may encode differently), so
 again gives the same hash and adds nothing. A name is never reused for other
 content, files are made read-only, and `selm-data verify` rehashes them.
 
+On an object-store store the files are written in a local staging folder, hashed, and then
+uploaded under `<store>/exports/<name>/`, snapshot.json last; `local_folder` gives readers that
+need files on disk (the trainer, push, diff) a hash-checked copy in a local cache.
+
 Two layouts, each with what SELM and lineage need besides (`reference`: y_ref, for the SELM
 loss; `score_reference`, `margin`, `is_tie`, and the store ids):
 
@@ -38,6 +42,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,9 +50,11 @@ from typing import Any, Literal
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from selm_data.errors import SelmError
+from selm_data.store.maintenance import pin_checkpoints
 from selm_data.store.schema import MESSAGES, canonical_json
 from selm_data.store.store import Store, package_version
 
@@ -78,7 +85,7 @@ class Filters:
 class Snapshot:
     name: str
     iteration: int
-    path: Path
+    path: Path | str  # a folder, or the URI of the folder in an object-store store
     files: list[str]  # relative to path
     row_count: int
     content_hash: str
@@ -109,7 +116,8 @@ def export(store: Store, iteration: int, *, name: str | None = None,
     if table.num_rows == 0:
         raise SelmError(f"iteration {iteration} has no pairs; build them first: "
                         f"`selm-data build --iter {iteration}`")
-    root = store.root / EXPORTS
+    local = store.location.local
+    root = local / EXPORTS if local is not None else Path(tempfile.mkdtemp(prefix="selm-export-"))
     staging = root / f".staging-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
     try:
@@ -125,17 +133,13 @@ def export(store: Store, iteration: int, *, name: str | None = None,
                         f"{existing['content_hash'][:12]}, this export {content_hash[:12]}); "
                         "snapshots are never overwritten: pick another --name")
                 return _snapshot(store, existing, created=False)
-            final = root / name
-            if final.exists():  # a crash between the move and the commit: never registered
-                shutil.rmtree(final)
             meta = {"name": name, "iteration": iteration, "content_hash": content_hash,
                     "row_count": table.num_rows, "table_versions": versions,
                     "filters": asdict(filters), "layout": layout, "files": files,
                     "selm_version": package_version(),
                     "columns": table.schema.names, "policy_pair": has_policy(table)}
             (staging / "snapshot.json").write_text(json.dumps(meta, indent=2) + "\n")
-            _read_only(staging, [*files, "snapshot.json"])
-            os.replace(staging, final)
+            final = _publish(store, staging, name, files)
             store.append("snapshots", [{
                 # relative to the store, so a store folder can move
                 "name": name, "iteration": iteration, "path": f"{EXPORTS}/{name}",
@@ -144,11 +148,35 @@ def export(store: Store, iteration: int, *, name: str | None = None,
                 "table_versions": [{"table": t, "version": v} for t, v in versions.items()],
                 "filters": filters.as_json(),
             }])
+            for t, v in versions.items():  # readable at these versions after log cleanup
+                pin_checkpoints(store, t, [v])
             return Snapshot(name, iteration, final, files, table.num_rows, content_hash,
                             versions, filters, layout, created=True,
                             policy_pair=has_policy(table))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if local is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _publish(store: Store, staging: Path, name: str, files: list[str]) -> Path | str:
+    """Move the staged files to `exports/<name>/` (a rename on disk; uploads, snapshot.json
+    last, on an object store). Files there that no snapshot row names are left by a crash
+    between this and the commit of the row, so they are replaced."""
+    if store.location.local is not None:
+        final = store.location.local / EXPORTS / name
+        if final.exists():  # a crash between the move and the commit: never registered
+            shutil.rmtree(final)
+        _read_only(staging, [*files, "snapshot.json"])
+        os.replace(staging, final)
+        return final
+    folder = f"{EXPORTS}/{name}"
+    store.fs.delete_dir_contents(folder, missing_dir_ok=True)
+    for rel in [*files, "snapshot.json"]:
+        with (staging / rel).open("rb") as src, store.fs.open_output_stream(f"{folder}/{rel}") \
+                as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    return store.location.join(folder)
 
 
 def has_policy(table: pa.Table) -> bool:
@@ -325,6 +353,59 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def local_folder(store: Store, row: dict[str, Any]) -> Path:
+    """A registered snapshot's folder on this machine: in a local store, where it is; in an
+    object store, a copy under the cache ($SELM_CACHE, else ~/.cache/selm/snapshots), keyed by
+    content hash and kept only if its files hash right, so a partial download is never used.
+
+    Raises:
+        SelmError: the snapshot's files are missing or do not match its hash.
+    """
+    if store.location.local is not None:
+        return store.location.local / row["path"]
+    cache = Path(os.environ.get("SELM_CACHE") or Path.home() / ".cache" / "selm") / "snapshots"
+    final = cache / row["content_hash"]
+    if (final / "snapshot.json").is_file():
+        return final
+    problems = check_snapshot(store, row)
+    if problems:
+        raise SelmError("; ".join(problems))
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cache / f".partial-{uuid.uuid4().hex}"
+    try:
+        meta = _read_meta(store, row["path"])
+        for rel in [*meta["files"], "snapshot.json"]:
+            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+            with store.fs.open_input_stream(f"{row['path']}/{rel}") as src, \
+                    (partial / rel).open("wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        if files_hash(partial, meta["files"]) != row["content_hash"]:
+            raise SelmError(f"snapshot {row['name']}: the downloaded files do not match its "
+                            "content hash (changed while reading?); run the command again")
+        _read_only(partial, [*meta["files"], "snapshot.json"])
+        os.replace(partial, final)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def _read_meta(store: Store, folder: str) -> dict[str, Any]:
+    with store.fs.open_input_stream(f"{folder}/snapshot.json") as f:
+        meta: dict[str, Any] = json.loads(f.read().decode("utf-8"))
+    return meta
+
+
+def _fs_files_hash(fs: pafs.FileSystem, folder: str, files: list[str]) -> str:
+    """`files_hash` of a folder read through the store's filesystem."""
+    def sha(rel: str) -> str:
+        digest = hashlib.sha256()
+        with fs.open_input_stream(f"{folder}/{rel}") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    return hashlib.sha256(canonical_json([[rel, sha(rel)] for rel in files]).encode()).hexdigest()
+
+
 def _read_only(folder: Path, files: list[str]) -> None:
     for rel in files:
         mode = (folder / rel).stat().st_mode
@@ -341,7 +422,7 @@ def snapshot_row(store: Store, name: str) -> dict[str, Any]:
     row = _registered(store, name)
     if row is None:
         raise SelmError(f"no snapshot named {name!r}; known: {snapshot_names(store)}. Export "
-                        f"one with `selm-data export --iter N` (store {store.root})")
+                        f"one with `selm-data export --iter N` (store {store.uri})")
     return row
 
 
@@ -354,9 +435,10 @@ def snapshot_names(store: Store, limit: int = 20) -> str:
 
 
 def _snapshot(store: Store, row: dict[str, Any], *, created: bool) -> Snapshot:
-    folder = store.root / row["path"]
-    meta = json.loads((folder / "snapshot.json").read_text())
-    return Snapshot(row["name"], row["iteration"], folder, meta["files"],
+    meta = _read_meta(store, row["path"])
+    where: Path | str = (store.location.local / row["path"] if store.location.local is not None
+                         else store.location.join(row["path"]))
+    return Snapshot(row["name"], row["iteration"], where, meta["files"],
                     row["row_count"], row["content_hash"],
                     {v["table"]: v["version"] for v in row["table_versions"]},
                     Filters(**json.loads(row["filters"])), meta.get("layout", "ultrafeedback"),
@@ -364,18 +446,22 @@ def _snapshot(store: Store, row: dict[str, Any], *, created: bool) -> Snapshot:
 
 
 def check_snapshot(store: Store, row: dict[str, Any]) -> list[str]:
-    """What is wrong with a registered snapshot's files (empty: intact)."""
-    folder = store.root / row["path"]
-    meta_path = folder / "snapshot.json"
-    if not meta_path.is_file():
-        return [f"snapshot {row['name']}: {meta_path} is missing"]
-    files = json.loads(meta_path.read_text())["files"]
-    problems = [f"snapshot {row['name']}: {folder / rel} is missing"
-                for rel in files if not (folder / rel).is_file()]
-    extra = sorted(p.relative_to(folder).as_posix() for p in (folder / "data").rglob("*")
-                   if p.is_file() and p.relative_to(folder).as_posix() not in files)
-    problems += [f"snapshot {row['name']}: unexpected file {rel}" for rel in extra]
-    if not problems and files_hash(folder, files) != row["content_hash"]:
+    """What is wrong with a registered snapshot's files (empty: intact). Reads through the
+    store's filesystem, so it checks a local folder and an object-store prefix alike."""
+    folder, fs = row["path"], store.fs
+    where = store.location.join(folder)
+    if fs.get_file_info(f"{folder}/snapshot.json").type != pafs.FileType.File:
+        return [f"snapshot {row['name']}: {where}/snapshot.json is missing"]
+    files = _read_meta(store, folder)["files"]
+    present = {info.path.removeprefix(f"{folder}/")
+               for info in fs.get_file_info(pafs.FileSelector(f"{folder}/data", recursive=True,
+                                                               allow_not_found=True))
+               if info.type == pafs.FileType.File}
+    problems = [f"snapshot {row['name']}: {where}/{rel} is missing"
+                for rel in files if rel not in present]
+    problems += [f"snapshot {row['name']}: unexpected file {rel}"
+                 for rel in sorted(present - set(files))]
+    if not problems and _fs_files_hash(fs, folder, files) != row["content_hash"]:
         problems.append(f"snapshot {row['name']}: its files no longer match its content hash "
                         f"{row['content_hash'][:12]}: it was modified; export it again under "
                         "a new name")

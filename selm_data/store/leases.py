@@ -10,7 +10,8 @@ Lease files are never deleted: unlinking a locked file would let two processes l
 different files under one name.
 
 Needs a filesystem with working `flock` (local disks, NFSv4, most cluster filesystems with
-locking enabled); object stores have none, so concurrent builders need a shared filesystem.
+locking enabled). Object stores have none: a store at an s3:// URI uses `object_leases`
+(put-if-absent objects with a heartbeat and an expiry) behind the same Store.claim.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class Holder:
     host: str
     since: str  # ISO time the lease was taken
     state: str = "held"  # "held" while the lock is taken, "released" after a clean release
+    heartbeat: str = ""  # object-store leases: ISO time of the last heartbeat
+    ttl_s: float = 0.0  # object-store leases: expiry after the last heartbeat (0: flock)
+
+    @classmethod
+    def fields(cls) -> set[str]:
+        """Field names: a record written by another selm version may carry more or fewer."""
+        return {f.name for f in fields(cls)}
 
     def describe(self) -> str:
         return (
@@ -49,10 +57,14 @@ class Holder:
         )
 
 
-def lease_path(directory: Path, work: str) -> Path:
-    """A file name that is safe on every filesystem and distinct for distinct work names."""
+def lease_name(work: str) -> str:
+    """A name that is safe on every filesystem and distinct for distinct work names."""
     digest = hashlib.sha256(work.encode("utf-8")).hexdigest()[:12]
-    return directory / f"{_SAFE.sub('_', work)[:80]}-{digest}.lease"
+    return f"{_SAFE.sub('_', work)[:80]}-{digest}"
+
+
+def lease_path(directory: Path, work: str) -> Path:
+    return directory / f"{lease_name(work)}.lease"
 
 
 def read_holder(path: Path) -> Holder | None:
@@ -62,9 +74,8 @@ def read_holder(path: Path) -> Holder | None:
         return None
     if not isinstance(record, dict):
         return None
-    known = {f.name for f in fields(Holder)}  # a record from another selm version may differ
     try:
-        return Holder(**{k: v for k, v in record.items() if k in known})
+        return Holder(**{k: v for k, v in record.items() if k in Holder.fields()})
     except TypeError:
         return None
 

@@ -34,8 +34,15 @@ def append_batches(store_path: str, batches: int, rows: int, first: int) -> None
         print(f"done {b}", flush=True)
 
 
-def claim_and_write(store_path: str, work: str, hold: float, first: int) -> None:
+def claim_and_write(store_path: str, work: str, hold: float, first: int,
+                    go: str | None = None) -> None:
     store = open_store(store_path, run=RunInfo.new(f"worker claim {work}"))
+    if go is not None:  # claimants start together: the claim itself is the race
+        import boto3  # noqa: F401  (imported before the start, as claim would)
+
+        print("ready", flush=True)
+        while not Path(go).exists():
+            time.sleep(0.001)
     try:
         lease = store.claim(work)
     except LeaseHeldError as e:
@@ -85,18 +92,34 @@ def append_past_file_size_limit(store_path: str, limit: int) -> None:
         sys.exit(4)
 
 
+def claim_and_write_chunks(store_path: str, work: str, chunks: int) -> None:
+    """A builder of one shard: claim, then commit `chunks` chunks of 10 rows (the same rows on
+    every run, as a rebuilt shard would be), a pause between chunks so it can be killed there."""
+    store = open_store(store_path, run=RunInfo.new(f"worker chunks {work}"))
+    with store.claim(work) as lease:
+        if lease.taken_over is not None:
+            print(f"took over from run {lease.taken_over.run_id}", flush=True)
+        for c in range(chunks):
+            store.append("prompts", prompt_rows(c * 10, 10))
+            print(f"done {c}", flush=True)
+            time.sleep(0.5)
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "append":
         append_batches(args[0], int(args[1]), int(args[2]), int(args[3]))
     elif mode == "claim":
-        claim_and_write(args[0], args[1], float(args[2]), int(args[3]))
+        claim_and_write(args[0], args[1], float(args[2]), int(args[3]),
+                        args[4] if len(args) > 4 else None)
     elif mode == "overlap":
         append_on_signal(args[0], args[1], int(args[2]), int(args[3]))
     elif mode == "create":
         create(args[0])
     elif mode == "fsize":
         append_past_file_size_limit(args[0], int(args[1]))
+    elif mode == "claimwrite":
+        claim_and_write_chunks(args[0], args[1], int(args[2]))
     elif mode == "hang":
         claim_and_hang(args[0], args[1])
     else:
