@@ -274,3 +274,23 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
     message = "stopped: step 3: 1 of 4 losses are not finite"
     assert len(lines) == 2 and all(message in x for x in lines), lines
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_on_cpu_runs_the_mixed_precision_branches(snapshot, tiny_lm, tmp_path, stage):
+    """train.precision bf16 on CPU: the model runs in bf16 under DeepSpeed's bf16 branches
+    (BF16 optimizer at stage 0, ZeRO-3's fp32 partitions), the log-probs in fp32: step 1 is
+    log 2 (policy == reference, the same bf16 function), the update lowers the loss, and the
+    checkpoint is bf16 safetensors."""
+    from safetensors import safe_open
+
+    spec = SPEC.model_copy(update={"precision": "bf16", "zero_stage": stage,
+                                   "gradient_checkpointing": True})
+    out = train(snapshot, str(tiny_lm), tmp_path / "ckpt", spec, iteration=1, register=False)
+    assert out.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert out.history[1]["loss"] < math.log(2)
+    [weights] = out.checkpoint.glob("*.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+    cache = next((Path(snapshot.split("@")[0]) / "exports/it1" / REFERENCE_DIR).glob("*"))
+    assert cache.is_file()
