@@ -62,10 +62,16 @@ GRADIENT_CLIPPING = 1.0
 class BatchSpec(Protocol):
     """The fields of `selm_data.manifest.TrainSpec` that shape the engine."""
 
-    zero_stage: int
-    precision: str
-    micro_batch_size: int
-    global_batch_size: int
+    @property
+    def zero_stage(self) -> int: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def micro_batch_size(self) -> int: ...
+    @property
+    def global_batch_size(self) -> int: ...
+    @property
+    def offload(self) -> str: ...
 
 
 def ds_config(spec: BatchSpec, *, world_size: int, device: Device) -> dict[str, Any]:
@@ -100,7 +106,17 @@ def ds_config(spec: BatchSpec, *, world_size: int, device: Device) -> dict[str, 
         # Gather the partitioned weights layer by layer onto rank 0 when saving, so a ZeRO-3
         # checkpoint is a plain transformers folder (gather_state_dict relies on it).
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    extra: dict[str, Any] = {}
+    if spec.offload in ("optimizer", "optimizer+params"):
+        # ZeRO-Offload: the fp32 master weights and Adam state in CPU memory, the update on the
+        # CPU by torch's AdamW (DeepSpeed's CPUAdam is faster but a C++ op compiled at first
+        # use; DeepSpeed insists on it unless zero_force_ds_cpu_optimizer is off).
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
+        extra["zero_force_ds_cpu_optimizer"] = False
+    if spec.offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
     return {
+        **extra,
         "train_batch_size": spec.global_batch_size,
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": spec.global_batch_size // per_step,

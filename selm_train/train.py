@@ -31,10 +31,11 @@ import torch
 
 from selm_data.errors import SelmError
 from selm_data.generation.models import ResolvedModel, resolve_policy
-from selm_data.manifest import TrainSpec
+from selm_data.manifest import LoraSpec, TrainSpec
 from selm_data.store.schema import canonical_json
 from selm_data.store.store import open_store
 from selm_train.checkpoint import (
+    ADAPTER_DIR,
     CheckpointInfo,
     parent_checkpoint,
     register_checkpoint,
@@ -106,7 +107,8 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
                         "sail and export it again, or train SAIL-DP alone (train.sail.r)")
     reference = reference_logps(policy_logps, examples, snap, model_ref, spec, pad, dist)
 
-    config = ds_config(spec, world_size=dist.world_size, device=dist.device.type)
+    config = ds_config(spec, world_size=dist.world_size,
+                       device="cuda" if dist.device.type == "cuda" else "cpu")
     steps_per_epoch = len(examples) // spec.global_batch_size
     if steps_per_epoch == 0:
         raise SelmError(f"snapshot {snap.name} has {len(examples)} pairs, fewer than one global "
@@ -114,10 +116,13 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
     total = steps_per_epoch * spec.epochs
     use_cache = model.config.use_cache
     prepare_for_training(policy_logps, spec)
+    if spec.lora is not None:  # after the reference pass, which so ran the base model alone
+        policy_logps.lm = with_lora(model, spec.lora)
     engine = make_engine(policy_logps, config, learning_rate=spec.learning_rate, total_steps=total,
                          lr_scheduler=spec.lr_scheduler, warmup_ratio=spec.warmup_ratio)
     micro, accum = spec.micro_batch_size, config["gradient_accumulation_steps"]
-    history, nonfinite = [], 0
+    history: list[dict[str, float]] = []
+    nonfinite = 0
     for epoch in range(spec.epochs):
         order = torch.randperm(len(examples),
                                generator=torch.Generator().manual_seed(spec.seed + epoch))
@@ -162,7 +167,13 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
                                 "gradient_accumulation_steps": accum, "optimizer_steps": total},
     )
     model.config.use_cache = use_cache  # off for training only: generation wants its cache
-    folder = save_checkpoint(model, tokenizer, output, info, state_dict=state)
+    if spec.lora is None:
+        folder = save_checkpoint(model, tokenizer, output, info, state_dict=state)
+    else:
+        merged, adapter = merge_lora(model_ref, spec.lora, state, output)
+        merged.config.use_cache = use_cache
+        folder = save_checkpoint(merged, tokenizer, output, replace(info, adapter=ADAPTER_DIR),
+                                 adapter=adapter)
     checkpoint_id = None
     if register and store is not None:
         checkpoint_id = register_checkpoint(store, folder)["checkpoint_id"]
@@ -200,6 +211,43 @@ def prepare_for_training(model: SequenceLogps, spec: TrainSpec) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model.train()
+
+
+def with_lora(model: Any, lora: LoraSpec) -> Any:
+    """`model` with LoRA adapters (PEFT) on `lora.target_modules`: the base weights frozen,
+    the adapters' B matrices zero, so step 1's policy is the base model exactly."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise SelmError("train.lora needs peft: pip install 'selm[train]'") from e
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else \
+        list(lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merge_lora(model_ref: ResolvedModel, lora: LoraSpec, state: dict[str, torch.Tensor],
+               output: Path) -> tuple[Any, Path]:
+    """The trained adapters merged into a fresh CPU copy of the base model (a plain model,
+    which the next build's vLLM loads as any other), and the adapter saved on its own beside
+    `output` (save_checkpoint moves it into the checkpoint). Rank 0 only: under ZeRO-3 its own
+    copy holds a shard of the weights, so the gathered `state` is loaded into a new one."""
+    from peft import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(iter(state.values())).dtype
+    base = AutoModelForCausalLM.from_pretrained(model_ref.path, revision=model_ref.revision,
+                                                use_safetensors=True, dtype=dtype)
+    peft_model = with_lora(base, lora)
+    missing, unexpected = peft_model.load_state_dict(state, strict=False)
+    if unexpected or any("lora_" in name for name in missing):
+        raise SelmError(f"the trained LoRA weights do not fit a fresh copy of {model_ref.path}: "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    adapter = output.with_name(f".{output.name}.adapter")
+    peft_model.save_pretrained(adapter, state_dict=get_peft_model_state_dict(peft_model),
+                               safe_serialization=True)
+    return peft_model.merge_and_unload(), adapter
 
 
 def _forward(model: Any, batch: Batch) -> torch.Tensor:

@@ -294,3 +294,57 @@ def test_bf16_on_cpu_runs_the_mixed_precision_branches(snapshot, tiny_lm, tmp_pa
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
     cache = next((Path(snapshot.split("@")[0]) / "exports/it1" / REFERENCE_DIR).glob("*"))
     assert cache.is_file()
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_lora_trains_adapters_and_saves_the_merged_model_with_the_adapter(
+        snapshot, store, tiny_lm, tmp_path, stage):
+    """train.lora: the base frozen, adapters on q_proj and v_proj; step 1 is log 2 (B = 0, so
+    the policy is the base model, which the reference pass ran); the checkpoint is a plain
+    model (no adapter keys) equal to base + adapter merged by PEFT, the adapter is in
+    `adapter/`, and the lineage records both."""
+    require("peft", "'selm[train]'")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    spec = SPEC.model_copy(update={
+        "zero_stage": stage, "gradient_checkpointing": True,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ("q_proj", "v_proj")}})
+    spec = TrainSpec.model_validate(spec.model_dump())
+    out = train(snapshot, str(tiny_lm), tmp_path / "ckpt", spec, iteration=1)
+    assert out.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert out.history[1]["loss"] < math.log(2)
+
+    merged = load_file(out.checkpoint / "model.safetensors")
+    base = load_file(tiny_lm / "model.safetensors")
+    assert set(merged) == set(base), "a plain model: no adapter keys"
+    changed = {n for n in base if not torch.equal(merged[n], base[n])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed), changed
+
+    lineage = json.loads((out.checkpoint / "selm_checkpoint.json").read_text())
+    assert lineage["adapter"] == "adapter" and lineage["base_model"] == str(tiny_lm)
+    assert lineage["config"]["lora"]["r"] == 4
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm),
+                                        out.checkpoint / "adapter").merge_and_unload()
+    expected = by_peft.state_dict()
+    for name, value in merged.items():  # (lm_head is tied to the embedding: saved once)
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+    row = store.scan("checkpoints").collect().row(0, named=True)
+    assert row["base_model"] == str(tiny_lm) and json.loads(row["config"])["lora"]["r"] == 4
+
+
+@pytest.mark.parametrize(("offload", "stage"), [("optimizer", 2), ("optimizer+params", 3)])
+def test_offload_trains_as_without(snapshot, tiny_lm, tmp_path, offload, stage):
+    """ZeRO offload of the optimizer (and the parameters) gives the losses and weights of the
+    same stage without it."""
+    def run(name: str, **update):
+        spec = TrainSpec.model_validate({**SPEC.model_dump(), "zero_stage": stage, **update})
+        return train(snapshot, str(tiny_lm), tmp_path / name, spec, iteration=1, register=False)
+
+    plain, offloaded = run("plain"), run("offloaded", offload=offload)
+    assert [r["loss"] for r in offloaded.history] == pytest.approx(
+        [r["loss"] for r in plain.history], rel=1e-5, abs=1e-6)
+    a = AutoModelForCausalLM.from_pretrained(plain.checkpoint).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(offloaded.checkpoint).state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
