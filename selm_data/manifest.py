@@ -219,6 +219,10 @@ class TrainSpec(_Spec):
     # ZeRO offload to CPU memory: the optimizer state (stages 1-3), and the parameters too
     # (stage 3). Slower steps, much less GPU memory.
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    # How `selm-train loop` starts training: one process per GPU under this launcher, on
+    # `gpus` GPUs (None: every GPU of the machine; one process on a machine without).
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    gpus: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:

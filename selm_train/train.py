@@ -21,6 +21,7 @@ batch, so one process and two give the same losses (tests/selm_train/test_train.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -123,6 +124,7 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
     micro, accum = spec.micro_batch_size, config["gradient_accumulation_steps"]
     history: list[dict[str, float]] = []
     nonfinite = 0
+    clock = time.perf_counter()
     for epoch in range(spec.epochs):
         order = torch.randperm(len(examples),
                                generator=torch.Generator().manual_seed(spec.seed + epoch))
@@ -149,6 +151,9 @@ def train(snapshot: str, policy: str, output: Path, spec: TrainSpec, *, iteratio
                     sums[key] = sums.get(key, 0.0) + value / accum
             row = _all_mean(sums, dist)
             row.update(step=len(history) + 1, epoch=epoch, lr=lr)
+            row["time/step_s"], clock = time.perf_counter() - clock, time.perf_counter()
+            if dist.device.type == "cuda":  # this rank's peak since the start, in GiB
+                row["memory/peak_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
             nonfinite += round(row.get("sail/nonfinite", 0.0) * spec.global_batch_size)
             history.append(row)
             if progress is not None and dist.rank == 0:
