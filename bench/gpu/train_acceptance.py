@@ -91,7 +91,7 @@ def main() -> int:
         if args.only is None or name in args.only:
             results.append(_train_check(name, train, root, snapshot, model, gpus))
     if args.only is None or "loop" in args.only:
-        results.append(_loop_check(base, root, model))
+        results.append(_loop_check(base, root, model, gpu=torch.cuda.is_available()))
 
     print("\n| check | result | peak GPU GiB (rank 0) | median step s | notes |")
     print("|---|---|---|---|---|")
@@ -146,13 +146,13 @@ def _train_check(name: str, train: dict, root: Path, snapshot: str, model: Path,
     return result
 
 
-def _loop_check(train: dict, root: Path, model: Path) -> dict:
+def _loop_check(train: dict, root: Path, model: Path, *, gpu: bool) -> dict:
     from selm_data.manifest import BUNDLED_DATA
 
     try:
         import vllm  # noqa: F401
 
-        backend = "vllm"
+        backend = "vllm" if gpu else "transformers"
     except ImportError:
         backend = "transformers"
     data = root / "loop-data.jsonl"
