@@ -29,10 +29,11 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["CHUNK_ELEMENTS", "SequenceLogps", "token_logps"]
 
-# Logit elements per chunk: 2**26 fp32 values is 256 MB, i.e. 512 tokens of a 128k vocabulary
-# or 2048 of a 32k one. Small enough to vanish beside a 7B model's activations, large enough
-# that the output layer still runs as a few big matrix products.
-CHUNK_ELEMENTS = 2**26
+# Logit elements per chunk: 2**24 fp32 values is 64 MB, i.e. 128 tokens of a 128k vocabulary
+# or 512 of a 32k one (the backward pass holds about four such tensors at once). Small enough to
+# vanish beside a model's activations, large enough that the output layer still runs as big
+# matrix products (128 x 4096 x 128k is 67 GFLOP).
+CHUNK_ELEMENTS = 2**24
 
 
 class SequenceLogps(nn.Module):
