@@ -96,7 +96,8 @@ def main() -> None:
         fill(store, args.pairs)
         print(f"store filled in {time.perf_counter() - t0:.1f} s")
         first = export(store, 1, name="warm")  # also gives the baseline its rows
-        rows = pl.read_parquet(first.path / "data").to_dicts()
+        folder = Path(first.path)  # a local store: the snapshot is a folder
+        rows = pl.read_parquet(folder / "data").to_dicts()
         ours, theirs = [], []
         for rep in range(args.repeats):
             t0 = time.perf_counter()
@@ -112,7 +113,7 @@ def main() -> None:
             theirs.append(time.perf_counter() - t0)
             print(f"  repeat {rep + 1}/{args.repeats}: selm export {ours[-1]:.2f} s, "
                   f"datasets {theirs[-1]:.2f} s", flush=True)
-        size = sum((first.path / f).stat().st_size for f in first.files) / 2**20
+        size = sum((folder / f).stat().st_size for f in first.files) / 2**20
         ratio = statistics.median(ours) / statistics.median(theirs)
         print(f"\n{args.pairs:,} pairs; snapshot {size:.1f} MiB (zstd), baseline "
               f"{out.stat().st_size / 2**20:.1f} MiB")

@@ -17,8 +17,12 @@ step, which pays one-off costs, is left out), and the process CPU time over the 
 medians over the steps of `--repeats` processes.
 Goals: selm DPO / TRL DPO at most 1.0; selm SELM / selm DPO at most 1.35.
 
+Peak memory (the process's peak RSS, model and all): selm DPO / TRL DPO at most 0.5 where the
+logits dominate (`--vocab 128256 --max-length 2048`: selm never holds (rows, length, vocab)
+logits, selm_train/logps.py; TRL does).
+
 Run: python bench/train_step.py [--pairs 48] [--steps 6] [--repeats 2] [--hidden 256]
-     [--ref ranked|middle]
+     [--ref ranked|middle] [--vocab 128256] [--max-length 2048]
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def setup(root: Path, args: argparse.Namespace) -> tuple[str, Path]:
     tok = AutoTokenizer.from_pretrained(resolve_policy("bundled:smollm2-135m-instruct").path)
     torch.manual_seed(0)
     heads = max(1, args.hidden // 64)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden,
+    config = LlamaConfig(vocab_size=max(args.vocab, len(tok)), hidden_size=args.hidden,
                          intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=heads, num_key_value_heads=heads,
                          head_dim=args.hidden // heads, max_position_embeddings=4096,
@@ -175,6 +179,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=0,
+                        help="output vocabulary (default: the tokenizer's, 49152); e.g. 128256 "
+                        "for Llama-3's, where the logits dominate memory")
     parser.add_argument("--ref", choices=("ranked", "middle"), default="ranked")
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--child", choices=VARIANTS)
@@ -188,7 +195,8 @@ def main() -> None:
         setup(root, args)
         results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                 ("pairs", "steps", "micro", "accum", "max_length", "hidden", "layers", "ref")]
+                 ("pairs", "steps", "micro", "accum", "max_length", "hidden", "layers", "ref",
+                  "vocab")]
         env = dict(os.environ)
         if args.threads:  # one thread: CPU time per step is the work, whatever else runs
             env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -211,7 +219,8 @@ def main() -> None:
         step, cpu = median("steps"), median("cpu_steps")
         peak = {v: max(r["peak_rss_mb"] for r in results[v]) for v in VARIANTS}
         print(f"\n{args.pairs} pairs, micro-batch {args.micro} x {args.accum} accumulation, "
-              f"max length {args.max_length}, Llama {args.hidden} x {args.layers}, fp32 CPU, "
+              f"max length {args.max_length}, Llama {args.hidden} x {args.layers}, vocabulary "
+              f"{args.vocab or 'of the tokenizer'}, fp32 CPU, "
               f"{args.threads or 'default'} thread(s), y_ref placed: {args.ref}")
         print("| variant | median step s | median step CPU s | peak RSS MB |\n|---|---|---|---|")
         for v in VARIANTS:
@@ -222,6 +231,10 @@ def main() -> None:
             for name, value in ratios.items():
                 verdict = "pass" if value <= GOALS[name] else "FAIL"
                 print(f"{clock}: {name}: {value:.2f}x (goal at most {GOALS[name]}x): {verdict}")
+        memory = peak["selm-dpo"] / peak["trl-dpo"]
+        verdict = (f" (goal at most 0.5x with --vocab: {'pass' if memory <= 0.5 else 'FAIL'})"
+                   if args.vocab else "")
+        print(f"peak RSS: selm dpo / trl dpo: {memory:.2f}x{verdict}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -181,6 +181,18 @@ class SailSpec(_Spec):
         return self
 
 
+class LoraSpec(_Spec):
+    """LoRA adapters (PEFT) on `target_modules` (module names, e.g. q_proj, or 'all-linear':
+    every linear layer but the output layer). The checkpoint is the merged model plus the
+    adapter; the reference is the base model (adapters off), never a second copy."""
+
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32  # the update is scaled by alpha / r
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    target_modules: Annotated[tuple[str, ...], Field(min_length=1)] | Literal["all-linear"] = \
+        "all-linear"
+
+
 class TrainSpec(_Spec):
     """Training settings of every iteration, unless an iteration overrides them."""
 
@@ -202,9 +214,23 @@ class TrainSpec(_Spec):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 42
     sail: SailSpec = SailSpec()  # loss 'sail' only
+    lora: LoraSpec | None = None  # None: full fine-tuning
+    # ZeRO offload to CPU memory: the optimizer state (stages 1-3), and the parameters too
+    # (stage 3). Slower steps, much less GPU memory.
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    # How `selm-train loop` starts training: one process per GPU under this launcher, on
+    # `gpus` GPUs (None: every GPU of the machine; one process on a machine without).
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    gpus: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:
+        if self.offload == "optimizer" and self.zero_stage == 0:
+            raise ValueError("offload 'optimizer' needs zero_stage 1, 2 or 3 (ZeRO partitions "
+                             "what it offloads); set train.zero_stage")
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise ValueError("offload 'optimizer+params' needs zero_stage 3 (parameters are "
+                             "partitioned only at stage 3); set train.zero_stage: 3")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be below max_length")
         if self.alpha > 0 and self.loss != "selm":

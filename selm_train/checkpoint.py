@@ -29,6 +29,7 @@ from selm_data.store.schema import CHECKPOINTS, canonical_json, row_id
 from selm_data.store.store import Store, package_version
 
 LINEAGE_FILE = "selm_checkpoint.json"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter (PEFT folder), beside the merged weights
 
 
 @dataclass(frozen=True)
@@ -41,13 +42,16 @@ class CheckpointInfo:
     parent_id: str | None  # its checkpoint id, when it was itself a registered checkpoint
     loss: str
     config: dict[str, Any]  # the training settings as run (TrainSpec + world size etc.)
+    adapter: str | None = None  # LoRA: the adapter's folder inside the checkpoint (the
+    # weights are the base model, `base_model`, with it merged)
 
 
 def save_checkpoint(model: Any, tokenizer: Any, folder: Path, info: CheckpointInfo,
-                    state_dict: dict[str, Any] | None = None) -> Path:
+                    state_dict: dict[str, Any] | None = None,
+                    adapter: Path | None = None) -> Path:
     """Write `model` (with `state_dict` when given: gathered ZeRO weights) and `tokenizer` to
-    `folder` with the lineage file. Refuses an existing folder: checkpoints are not
-    overwritten."""
+    `folder` with the lineage file, and move a saved LoRA `adapter` folder into it (as
+    `info.adapter`). Refuses an existing folder: checkpoints are not overwritten."""
     folder = Path(folder)
     if folder.exists():
         raise SelmError(f"checkpoint folder {folder} exists; checkpoints are never overwritten: "
@@ -57,6 +61,8 @@ def save_checkpoint(model: Any, tokenizer: Any, folder: Path, info: CheckpointIn
     try:
         model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if adapter is not None:
+            shutil.move(adapter, staging / (info.adapter or ADAPTER_DIR))
         payload = {**asdict(info), "selm_version": package_version()}
         (staging / LINEAGE_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
         if any(staging.glob("*.bin")) or not any(staging.glob("*.safetensors")):
@@ -64,6 +70,8 @@ def save_checkpoint(model: Any, tokenizer: Any, folder: Path, info: CheckpointIn
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if adapter is not None:
+            shutil.rmtree(adapter, ignore_errors=True)
     return folder
 
 

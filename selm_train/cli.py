@@ -133,25 +133,13 @@ def loop_cmd(
     iterations: Annotated[int | None, typer.Option(
         help="Run iterations 1..N (default: all of the manifest's).")] = None,
 ) -> None:
-    """Build, export and train every iteration of a manifest in turn; rerun to resume."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
-    from rich.progress import Progress as Bar
-
-    from selm_data.store.store import command_line, open_store
+    """Build, export and train every iteration of a manifest in turn, each phase its own
+    process (training under train.launcher on train.gpus GPUs); rerun to resume."""
     from selm_train.loop import run_loop
 
-    m = load_manifest(find_manifest(manifest))
-    store = open_store(m.store, create=True, run=m.run_info(command_line(program="selm-train")))
-    with Bar("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-             TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("build", total=None)
-
-        def on_build(stage: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, description=f"build: {stage}")
-
-        done = run_loop(m, store, iterations=iterations, on_build=on_build,
-                        on_step=_progress(), say=lambda text: console.print(text,
-                                                                            highlight=False))
+    done = run_loop(find_manifest(manifest), iterations=iterations,
+                    say=lambda text: console.print(text, highlight=False, markup=False,
+                                                   soft_wrap=True))
     for it in done:
         console.print(f"iteration {it.iteration}: checkpoint {it.checkpoint}"
                       + (f" ({it.steps} steps)" if it.steps else ""), highlight=False,

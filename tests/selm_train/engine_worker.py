@@ -72,7 +72,8 @@ def micro_loss(engine, data: dict[str, torch.Tensor], idx: slice) -> torch.Tenso
 
 
 def train(stage: int, dist, data, out: Path) -> dict:
-    spec = SimpleNamespace(zero_stage=stage, precision="auto", micro_batch_size=MICRO_BATCH,
+    spec = SimpleNamespace(zero_stage=stage, precision="auto", offload="none",
+                           micro_batch_size=MICRO_BATCH,
                            global_batch_size=GLOBAL_BATCH)
     config = ds_config(spec, world_size=dist.world_size, device=dist.device.type)
     engine = make_engine(build_model(seed=0), config, learning_rate=LEARNING_RATE,

@@ -67,16 +67,11 @@ def test_batch_that_does_not_split_says_what_to_change():
 
 @pytest.mark.parametrize(("device", "precision", "bf16"), [
     ("cuda", "auto", True), ("cuda", "bf16", True), ("cuda", "fp32", False),
-    ("cpu", "auto", False), ("cpu", "fp32", False)])
+    ("cpu", "auto", False), ("cpu", "fp32", False), ("cpu", "bf16", True)])
 def test_precision(device, precision, bf16):
     c = ds_config(spec(precision=precision), world_size=1, device=device)
     assert c["bf16"] == {"enabled": bf16}
     assert c["fp16"] == {"enabled": False}
-
-
-def test_bf16_on_cpu_is_refused():
-    with pytest.raises(SelmError, match="precision 'bf16' needs a GPU"):
-        ds_config(spec(precision="bf16"), world_size=1, device="cpu")
 
 
 # ---- schedule --------------------------------------------------------------------------------
@@ -202,3 +197,31 @@ def test_two_processes_match_one(one_process, two_processes, stage):
     assert run["lrs"] == pytest.approx(WORKER_LRS, abs=1e-12)
     assert_same_run(one[f"stage{stage}"], one_dir / f"stage{stage}", run,
                     two_dir / f"stage{stage}")
+
+
+@pytest.mark.parametrize(("offload", "stage", "optimizer", "params"), [
+    ("none", 3, False, False), ("optimizer", 1, True, False), ("optimizer", 2, True, False),
+    ("optimizer+params", 3, True, True)])
+def test_offload_config(offload, stage, optimizer, params):
+    for device in ("cpu", "cuda"):
+        c = ds_config(spec(offload=offload, zero_stage=stage), world_size=2, device=device)
+        zero = c["zero_optimization"]
+        assert ("offload_optimizer" in zero) is optimizer
+        assert ("offload_param" in zero) is params
+        if optimizer:
+            assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": device == "cuda"}
+            assert c["zero_force_ds_cpu_optimizer"] is False  # torch's AdamW on the CPU
+
+
+@pytest.mark.parametrize(("train", "field"), [
+    ({"offload": "optimizer", "zero_stage": 0}, "zero_stage"),
+    ({"offload": "optimizer+params", "zero_stage": 2}, "zero_stage: 3"),
+    ({"offload": "cpu"}, "offload"),
+    ({"lora": {"r": 4, "rank": 8}}, "lora.rank"),
+    ({"lora": {"target_modules": []}}, "lora.target_modules"),
+    ({"lora": {"r": 0}}, "lora.r")])
+def test_offload_and_lora_settings_are_checked(train, field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field.replace("+", r"\+")):
+        TrainSpec(**train)

@@ -1,7 +1,10 @@
-"""The loop: build, export, train for two iterations on tiny models; iteration 2 generates with
-iteration 1's checkpoint; a rerun does nothing."""
+"""The loop: build, export, train for two iterations on tiny models, each phase a process
+(training under torchrun); iteration 2 generates with iteration 1's checkpoint; a rerun does
+nothing."""
 
 from __future__ import annotations
+
+import json
 
 import polars as pl
 import pytest
@@ -17,15 +20,20 @@ pytestmark = pytest.mark.slow
 
 def test_two_iterations_end_to_end_and_resume(tmp_path, tiny_lm, tiny_rm):
     require("deepspeed", "'selm[train]'")
-    m = Manifest.model_validate(manifest_dict(
+    raw = manifest_dict(
         tmp_path, tiny_lm, tiny_rm,
         train={"loss": "selm", "beta": 0.1, "alpha": 0.01, "learning_rate": 1e-3,
                "global_batch_size": 4, "micro_batch_size": 2, "max_length": 96,
-               "max_prompt_length": 48, "warmup_ratio": 0.0}))
-    store = open_store(m.store, create=True, run=RunInfo.new("pytest loop"))
+               "max_prompt_length": 48, "warmup_ratio": 0.0})
+    m = Manifest.model_validate(raw)
+    path = tmp_path / "manifest.yaml"
+    path.write_text(json.dumps(raw))
     said: list[str] = []
-    done = run_loop(m, store, say=said.append)
+    done = run_loop(path, say=said.append)
     assert [d.iteration for d in done] == [1, 2] and [d.steps for d in done] == [3, 3]
+    assert any("torch.distributed" in line or "train (torchrun, 1 process" in line
+               for line in said)
+    store = open_store(m.store, run=RunInfo.new("pytest loop check"))
     checkpoints = store.scan("checkpoints").sort("iteration").collect()
     assert checkpoints["iteration"].to_list() == [1, 2]
     first, second = checkpoints.row(0, named=True), checkpoints.row(1, named=True)
@@ -43,7 +51,6 @@ def test_two_iterations_end_to_end_and_resume(tmp_path, tiny_lm, tiny_rm):
         second["checkpoint_id"]]
 
     versions = store.versions()
-    again = run_loop(m, open_store(m.store, run=RunInfo.new("pytest loop again")),
-                     say=said.append)
-    assert [d.build for d in again] == [None, None]
+    again = run_loop(path, say=said.append)
+    assert [d.built for d in again] == [False, False]
     assert store.versions() == versions, "a finished loop writes nothing on rerun"

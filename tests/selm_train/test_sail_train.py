@@ -188,10 +188,13 @@ def test_non_finite_losses_are_counted_and_kept_out_of_the_weights(sail_snapshot
 
 
 def test_other_losses_stop_before_a_non_finite_loss_reaches_the_weights():
+    from selm_train.engine import DistInfo
+
+    alone = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     out = LossOutput(torch.tensor([0.5, float("nan")]), {})
     with pytest.raises(SelmError, match=r"step 3: 1 of 2 losses are not finite.*learning_rate"):
-        _stop_if_nonfinite(out, 3)
-    _stop_if_nonfinite(LossOutput(torch.tensor([0.5, 0.7]), {}), 3)
+        _stop_if_nonfinite(out, 3, alone)
+    _stop_if_nonfinite(LossOutput(torch.tensor([0.5, 0.7]), {}), 3, alone)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -19,6 +20,7 @@ from helpers import chain_rows, require
 from selm_data.generation.models import resolve_policy
 from selm_data.manifest import TrainSpec
 from selm_data.publish.snapshot import export
+from selm_train.logps import SequenceLogps
 from selm_train.train import REFERENCE_DIR, train
 
 pytestmark = pytest.mark.slow
@@ -92,7 +94,16 @@ def test_two_processes_equal_one(snapshot, tiny_lm, tmp_path, launcher, stage):
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
     one = run(1, tmp_path / "one")
+    [cache] = (Path(snapshot.split("@")[0]) / "exports/it1" / REFERENCE_DIR).glob("*.parquet")
+    cached_by_one = pl.read_parquet(cache).sort("pair_id")
+    cache.unlink()  # the two processes compute it again, each its half
     two = run(2, tmp_path / "two")
+    cached_by_two = pl.read_parquet(cache).sort("pair_id")
+    assert cached_by_one["pair_id"].to_list() == cached_by_two["pair_id"].to_list()
+    assert cached_by_two["rank"].value_counts()["count"].to_list() == [4, 4], "split in halves"
+    np.testing.assert_allclose(np.array(cached_by_two["logps"].to_list()),
+                               np.array(cached_by_one["logps"].to_list()), rtol=1e-6)
+    assert not list(cache.parent.glob("*.part*")), "the parts were joined and removed"
     assert len(one) == len(two) == 2
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
@@ -110,8 +121,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_forward_keeps_only_the_logits_it_needs(tiny_lm):
-    """`_forward` (logits from the earliest response token on) equals the log-probs computed
+def test_forward_equals_the_full_logits(tiny_lm):
+    """`_forward` (logits of the response tokens only, in chunks) equals the log-probs computed
     from every position's logits."""
     from transformers import AutoTokenizer
 
@@ -129,7 +140,7 @@ def test_forward_keeps_only_the_logits_it_needs(tiny_lm):
     with torch.no_grad():
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         expected = sequence_logps(full, batch.input_ids, batch.loss_mask)
-        got = _forward(model, batch)
+        got = _forward(SequenceLogps(model), batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -155,7 +166,7 @@ def test_a_shared_y_ref_row_gives_the_same_selm_loss_and_gradients(tiny_lm):
                              dtype=torch.float64)
     beta, alpha = 0.1, 0.5
 
-    policy = batch.split(_forward(model, batch))
+    policy = batch.split(_forward(SequenceLogps(model), batch))
     selm_loss(*policy, *reference.T, beta=beta, alpha=alpha).losses.mean().backward()
     shared = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -178,3 +189,162 @@ def test_a_shared_y_ref_row_gives_the_same_selm_loss_and_gradients(tiny_lm):
     total.backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(shared[name], param.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_gradient_checkpointing_checkpoints_every_layer(snapshot, tiny_lm, tmp_path,
+                                                        monkeypatch):
+    """With train.gradient_checkpointing, every decoder layer of every micro-batch's forward
+    runs under torch's checkpoint (transformers checkpoints only in training mode), with no KV
+    cache; the saved config keeps use_cache for generation."""
+    import transformers.modeling_utils as modeling_utils
+
+    real, calls = modeling_utils.checkpoint, []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting)
+    spec = SPEC.model_copy(update={"gradient_checkpointing": True})
+    out = train(snapshot, str(tiny_lm), tmp_path / "ckpt", spec, iteration=1, register=False)
+    layers = AutoModelForCausalLM.from_pretrained(tiny_lm).config.num_hidden_layers
+    assert calls == [False] * (out.steps * 4 * layers)  # 2 steps x 4 micro-batches x 2 layers
+    saved = json.loads((out.checkpoint / "config.json").read_text())
+    assert saved["use_cache"] is True
+
+
+def test_collectives_get_tensors_on_the_group_device(monkeypatch):
+    """Every tensor the trainer hands to a collective is on the process group's device (NCCL
+    takes CUDA tensors only): the step metrics' mean, the non-finite count, the any-rank flag.
+    The device here is `meta`, standing in for a GPU on a machine without one."""
+    from selm_train.engine import DistInfo
+    from selm_train.losses import LossOutput
+    from selm_train.train import _all_mean, _any_rank, _stop_if_nonfinite
+
+    class Reached(Exception):
+        pass
+
+    devices = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        devices.append(tensor.device)
+        raise Reached
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    dist = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("meta"))
+    out = LossOutput(torch.zeros(2), {})
+    for call in (lambda: _all_mean({"loss": 1.0}, dist), lambda: _any_rank(True, dist),
+                 lambda: _stop_if_nonfinite(out, 1, dist)):
+        with pytest.raises(Reached):
+            call()
+    assert devices == [torch.device("meta")] * 3
+
+
+NONFINITE_WORKER = """
+import torch
+from selm_data.errors import SelmError
+from selm_train.engine import init_distributed
+from selm_train.losses import LossOutput
+from selm_train.train import _stop_if_nonfinite
+
+dist = init_distributed(device="cpu")
+loss = float("nan") if dist.rank == 1 else 0.5
+try:
+    _stop_if_nonfinite(LossOutput(torch.tensor([loss, 0.25]), {}), 3, dist)
+    print(f"rank {dist.rank} went on", flush=True)
+except SelmError as e:
+    print(f"rank {dist.rank} stopped: {e}", flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1 alone has a NaN loss: both ranks raise the same error at the same step (one rank
+    raising alone would leave the other in its next collective until the timeout)."""
+    script = tmp_path / "worker.py"
+    script.write_text(NONFINITE_WORKER)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", str(script)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = sorted(x for x in proc.stdout.splitlines() if x.startswith("rank "))
+    message = "stopped: step 3: 1 of 4 losses are not finite"
+    assert len(lines) == 2 and all(message in x for x in lines), lines
+    assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_on_cpu_runs_the_mixed_precision_branches(snapshot, tiny_lm, tmp_path, stage):
+    """train.precision bf16 on CPU: the model runs in bf16 under DeepSpeed's bf16 branches
+    (BF16 optimizer at stage 0, ZeRO-3's fp32 partitions), the log-probs in fp32: step 1 is
+    log 2 (policy == reference, the same bf16 function), the update lowers the loss, and the
+    checkpoint is bf16 safetensors."""
+    from safetensors import safe_open
+
+    spec = SPEC.model_copy(update={"precision": "bf16", "zero_stage": stage,
+                                   "gradient_checkpointing": True})
+    out = train(snapshot, str(tiny_lm), tmp_path / "ckpt", spec, iteration=1, register=False)
+    assert out.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert out.history[1]["loss"] < math.log(2)
+    [weights] = out.checkpoint.glob("*.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+    cache = next((Path(snapshot.split("@")[0]) / "exports/it1" / REFERENCE_DIR).glob("*"))
+    assert cache.is_file()
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_lora_trains_adapters_and_saves_the_merged_model_with_the_adapter(
+        snapshot, store, tiny_lm, tmp_path, stage):
+    """train.lora: the base frozen, adapters on q_proj and v_proj; step 1 is log 2 (B = 0, so
+    the policy is the base model, which the reference pass ran); the checkpoint is a plain
+    model (no adapter keys) equal to base + adapter merged by PEFT, the adapter is in
+    `adapter/`, and the lineage records both."""
+    require("peft", "'selm[train]'")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    spec = SPEC.model_copy(update={
+        "zero_stage": stage, "gradient_checkpointing": True,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ("q_proj", "v_proj")}})
+    spec = TrainSpec.model_validate(spec.model_dump())
+    out = train(snapshot, str(tiny_lm), tmp_path / "ckpt", spec, iteration=1)
+    assert out.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert out.history[1]["loss"] < math.log(2)
+
+    merged = load_file(out.checkpoint / "model.safetensors")
+    base = load_file(tiny_lm / "model.safetensors")
+    assert set(merged) == set(base), "a plain model: no adapter keys"
+    changed = {n for n in base if not torch.equal(merged[n], base[n])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed), changed
+
+    lineage = json.loads((out.checkpoint / "selm_checkpoint.json").read_text())
+    assert lineage["adapter"] == "adapter" and lineage["base_model"] == str(tiny_lm)
+    assert lineage["config"]["lora"]["r"] == 4
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm),
+                                        out.checkpoint / "adapter").merge_and_unload()
+    expected = by_peft.state_dict()
+    for name, value in merged.items():  # (lm_head is tied to the embedding: saved once)
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+    row = store.scan("checkpoints").collect().row(0, named=True)
+    assert row["base_model"] == str(tiny_lm) and json.loads(row["config"])["lora"]["r"] == 4
+
+
+@pytest.mark.parametrize(("offload", "stage"), [("optimizer", 2), ("optimizer+params", 3)])
+def test_offload_trains_as_without(snapshot, tiny_lm, tmp_path, offload, stage):
+    """ZeRO offload of the optimizer (and the parameters) gives the losses and weights of the
+    same stage without it."""
+    def run(name: str, **update):
+        spec = TrainSpec.model_validate({**SPEC.model_dump(), "zero_stage": stage, **update})
+        return train(snapshot, str(tiny_lm), tmp_path / name, spec, iteration=1, register=False)
+
+    plain, offloaded = run("plain"), run("offloaded", offload=offload)
+    assert [r["loss"] for r in offloaded.history] == pytest.approx(
+        [r["loss"] for r in plain.history], rel=1e-5, abs=1e-6)
+    a = AutoModelForCausalLM.from_pretrained(plain.checkpoint).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(offloaded.checkpoint).state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
