@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from selm_data.errors import SelmError
+from selm_data.generation.devices import resolve_device, resolve_dtype
 from selm_data.manifest import GenerationSpec, PolicySpec, ServerSpec, VllmSpec
 
 Message = dict[str, str]
@@ -100,12 +101,12 @@ class TransformersGenerator:
     backend = "transformers"
 
     def __init__(self, model_path: str, *, policy: PolicySpec, revision: str | None,
-                 batch_size: int):
+                 batch_size: int, device: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[policy.dtype]
+        self.device = resolve_device(device)
+        dtype = resolve_dtype(policy.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(
             model_path, revision=revision, trust_remote_code=policy.trust_remote_code
         )
@@ -115,7 +116,7 @@ class TransformersGenerator:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, revision=revision, dtype=dtype, use_safetensors=True,
             trust_remote_code=policy.trust_remote_code,
-        ).eval()
+        ).to(self.device).eval()
         self.batch_size = batch_size
         self._torch = torch
 
@@ -151,7 +152,8 @@ class TransformersGenerator:
 
     def _generate_batch(self, texts: list[str], sampling: Sampling) -> list[GenerationResult]:
         torch = self._torch
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True,
+                             add_special_tokens=False).to(self.device)
         kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens,
                                   "pad_token_id": self.tokenizer.pad_token_id}
         if sampling.greedy:
@@ -162,10 +164,11 @@ class TransformersGenerator:
                           top_k=sampling.top_k if sampling.top_k > 0 else None)
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
-        new_tokens = out[:, enc.input_ids.shape[1]:]
+        new_tokens = out[:, enc.input_ids.shape[1]:].cpu()
         eos = _eos_ids(self.model, self.tokenizer)
         results = []
-        for row, mask in zip(new_tokens.tolist(), enc.attention_mask.tolist(), strict=True):
+        for row, mask in zip(new_tokens.tolist(), enc.attention_mask.cpu().tolist(),
+                             strict=True):
             stop = next((k for k, tok in enumerate(row) if tok in eos), None)
             kept = row if stop is None else row[:stop]
             results.append(GenerationResult(
@@ -334,7 +337,7 @@ def make_generator(spec: GenerationSpec, policy: PolicySpec, model_path: str,
     their own seeds."""
     if spec.backend == "transformers":
         return TransformersGenerator(model_path, policy=policy, revision=revision,
-                                     batch_size=spec.batch_size)
+                                     batch_size=spec.batch_size, device=spec.device)
     if spec.backend == "vllm":
         return VLLMGenerator(model_path, policy=policy, revision=revision, spec=spec.vllm,
                              seed=seed)
