@@ -329,10 +329,12 @@ def build_cmd(
         task = bar.add_task(f"iteration {iteration}", total=None)
 
         def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, description=f"iteration {iteration}")
+            phase = {"responses": "generating", "prompts": "ranking"}.get(stage, stage)
+            bar.update(task, completed=done, total=total,
+                       description=f"iteration {iteration}: {phase} ({stage})")
 
         report = build(loaded, iteration, s, shard=Shard.parse(shard), policy=policy,
-                       progress=progress)
+                       progress=progress, generation_progress=progress)
     _print_report(s, report)
 
 
