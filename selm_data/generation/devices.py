@@ -1,9 +1,10 @@
 """Where a model runs and in what precision: one small function each, shared by every model.
 
 `device` in the manifest is `auto`, `cpu`, `cuda` or `cuda:N`. `auto` is this process's GPU when
-torch sees one, else the CPU. "This process's GPU" is LOCAL_RANK's when a launcher (torchrun,
-deepspeed, srun with a wrapper) sets it, else GPU 0: a future launcher gives each rank its shard
-and its GPU through this one function. `cuda` alone means the same GPU as `auto` would pick.
+torch sees one, else the CPU. "This process's GPU" is its local rank's when a launcher (torchrun,
+deepspeed, srun, mpirun; see `launcher`) sets one, else GPU 0; after `launcher.bind_gpus` has
+narrowed CUDA_VISIBLE_DEVICES to the rank's own block, GPU 0 of that block. `cuda` alone
+means the same GPU as `auto` would pick.
 
 `dtype` is `auto`, `float32`, `bfloat16` or `float16`. `auto` is bf16 on a GPU that supports it
 (fp16 on one that does not), fp32 on the CPU: CPU kernels of bf16 are slow, and bf16 greedy text
@@ -12,25 +13,18 @@ on vLLM CPU differed between two identical runs (design.md §6), while fp32 repe
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from selm_data.errors import SelmError
+from selm_data.generation import launcher
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def local_rank() -> int:
-    """LOCAL_RANK as launchers set it; 0 for a plain process."""
-    text = os.environ.get("LOCAL_RANK", "0")
-    try:
-        rank = int(text)
-    except ValueError:
-        raise SelmError(f"LOCAL_RANK is {text!r}, not a number; unset it or fix the "
-                        "launcher") from None
-    if rank < 0:
-        raise SelmError(f"LOCAL_RANK is {rank}; it must be 0 or more")
-    return rank
+    """This process's rank on its node, as its launcher set it (LOCAL_RANK, SLURM_LOCALID,
+    OMPI_COMM_WORLD_LOCAL_RANK; see `launcher`); 0 for a plain process."""
+    return launcher.local_rank()
 
 
 def resolve_device(requested: str = "auto") -> Any:
@@ -53,9 +47,10 @@ def resolve_device(requested: str = "auto") -> Any:
                         "sees none (a CPU build of torch, or no visible GPU): set the device "
                         "to auto or cpu, or install torch with CUDA")
     count = torch.cuda.device_count()
-    index = local_rank() if requested in ("auto", "cuda") else int(requested.split(":", 1)[1])
+    mine = requested in ("auto", "cuda")
+    index = launcher.gpu_index() if mine else int(requested.split(":", 1)[1])
     if index >= count:
-        where = "LOCAL_RANK" if requested in ("auto", "cuda") else f"device {requested!r}"
+        where = "LOCAL_RANK" if mine else f"device {requested!r}"
         raise SelmError(f"{where} names GPU {index}, but this process sees {count} GPU(s) "
                         "(CUDA_VISIBLE_DEVICES narrows them): give an index below "
                         f"{count}")
