@@ -509,7 +509,8 @@ def eval_cmd(
 ) -> None:
     """Generate a policy's answers to AlpacaEval, MT-Bench or a prompt file (greedy), store
     them with their lineage, and write them as AlpacaEval's model_outputs.json or FastChat's
-    answer jsonl for the official judges. Rerun to resume: stored answers are kept."""
+    answer jsonl for the official judges. Rerun to resume: stored answers are kept. Under a
+    launcher (torchrun, srun, mpirun) rank 0 answers on its GPU and the other ranks exit."""
     from selm_data.evaluate.answers import (
         check_name,
         default_name,
@@ -519,7 +520,12 @@ def eval_cmd(
         write_answer_files,
     )
 
+    launch = detect()
+    if launch.rank != 0:  # an evaluation set (805 or 80 questions) is one GPU's work
+        _say(launch)("eval runs on rank 0 only; this rank has nothing to do")
+        return
     loaded, s = _loaded(manifest, store, create=True)  # adds the eval tables to older stores
+    bind_gpus(launch, _gpus_per_rank(loaded))
     prompt_set = load_prompt_set(prompts)
     target = eval_policy(s, loaded, iteration=iteration, policy=policy)
     name = name or default_name(loaded, target)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -181,7 +180,13 @@ def test_a_killed_rank_is_finished_by_a_relaunch_with_another_world_size(tmp_pat
     assert job.returncode != 0
     partial = pair_content(store)
     assert partial.height < 12
-    time.sleep(0.1)
+    # status shows each shard's lease and how far it came; the killed rank's lease is stale.
+    status = subprocess.run([sys.executable, "-m", "selm_data.cli", "status", "--manifest",
+                             str(manifest)], capture_output=True, text=True,
+                            env=child_env(tmp_path), timeout=300)
+    assert status.returncode == 0, status.stderr
+    shard_1 = next(line for line in status.stdout.splitlines() if "1-of-2" in line)
+    assert "stale" in shard_1 and f"pid {holder.pid}" in shard_1, status.stdout
     # Relaunched as 3 ranks under (fake) srun: shards of 3 now, each skips what is done.
     outs = finish(fake_srun(3, manifest, tmp_path, step="1"))
     assert_same_pairs(store, reference)
