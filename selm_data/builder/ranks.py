@@ -182,7 +182,8 @@ def shard_progress(store: Store) -> pl.DataFrame:
         index, _, count = parts["shard"].partition("-of-")
         shard = Shard(int(index), int(count))
         rows.append({"iteration": iteration, "shard": str(shard), "state": state,
-                     **_counts(store, iteration, shard), "holder": holder.describe()})
+                     **_counts(store, iteration, shard),
+                     "holder": f"pid {holder.pid} on {holder.host} since {holder.since}"})
     return pl.DataFrame(rows) if rows else pl.DataFrame()
 
 
