@@ -210,3 +210,15 @@ def test_a_rank_that_fails_to_start_fails_the_launch_loudly(tmp_path, tiny_lm, t
     assert "rerun the same command" in proc.stderr
     record = (tmp_path / "store" / "_builds" / "iter=1" / "shard=1-of-2.json").read_text()
     assert "no-such-model" in record
+
+
+def test_eval_under_a_launcher_runs_on_rank_0_only(tmp_path):
+    from typer.testing import CliRunner
+
+    from selm_data.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--iter", "0", "--manifest",
+                                      str(tmp_path / "absent.yaml")],
+                                env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert result.exit_code == 0, result.output
+    assert "[rank 1/2] eval runs on rank 0 only" in result.output
