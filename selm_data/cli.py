@@ -6,18 +6,24 @@ An entry point: it parses arguments and calls the library; nothing imports it.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import polars as pl
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from selm_data.builder.iteration import BuildReport, Shard, build
+from selm_data.builder.iteration import BuildReport, build
+from selm_data.builder.ranks import build_rank, merge, shard_for, shard_progress, wait_for_ranks
 from selm_data.errors import SelmError
+from selm_data.generation.launcher import Launch, bind_gpus, detect
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
 from selm_data.publish.snapshot import POLICY_RULE, Filters, export
 from selm_data.sources.dataset import LAYOUTS, load_source
@@ -90,7 +96,15 @@ def status(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         tables.add_row(name, str(s.version(name)), str(rows))
     console.print(tables)
     console.print(_iterations_table(s))
-    held = s.leases()
+    shards = shard_progress(s)
+    if shards.height:
+        progress = Table(title="build shards (leases and progress)")
+        for col in shards.columns:
+            progress.add_column(col, justify="right" if shards[col].dtype.is_integer() else "left")
+        for row in shards.iter_rows():
+            progress.add_row(*(str(v) for v in row))
+        console.print(progress)
+    held = [(h, st) for h, st in s.leases() if not h.work.startswith("build/")]
     if held:
         leases = Table(title="leases")
         for col in ("work", "state", "holder"):
@@ -368,25 +382,79 @@ def build_cmd(
     iteration: Annotated[int, typer.Option("--iter", help="The iteration to build (1..T).")],
     manifest: ManifestOpt = None,
     store: StoreOpt = None,
-    shard: Annotated[str, typer.Option(help="i/k: build shard i of k (one process each).")] = "0/1",
+    shard: Annotated[str | None, typer.Option(
+        help="i/k: build shard i of k (one process each). Under torchrun, deepspeed, srun or "
+        "mpirun each rank builds its own shard (rank/world) without it.")] = None,
     policy: Annotated[
         str | None, typer.Option(help="Generate with this model instead (recorded).")
     ] = None,
 ) -> None:
     """Generate, rank and pair portion N of the dataset; rerun to resume after a crash."""
     loaded = load_manifest(find_manifest(manifest))  # build needs the recipe, even with --store
+    launch = detect()
+    mine = shard_for(shard, launch)
+    bind_gpus(launch, _gpus_per_rank(loaded))
     path = store or loaded.store
     s = open_store(path, create=True, run=_run_info(loaded))
+
+    def run(progress: Callable[[str, int, int], None]) -> BuildReport:
+        return build(loaded, iteration, s, shard=mine, policy=policy, progress=progress,
+                     generation_progress=progress)
+
+    if not launch.launched or launch.world == 1:
+        with _bar(f"iteration {iteration}") as progress:
+            report = run(progress)
+        _print_report(s, report)
+        return
+    say = _say(launch)
+    if launch.rank == 0:  # only rank 0 draws a bar; the others write lines
+        with _bar(f"{escape(launch.prefix())} iteration {iteration}") as progress:
+            report = build_rank(s, iteration, mine, launch, lambda: run(progress))
+    else:
+        report = build_rank(s, iteration, mine, launch, lambda: run(_lines(say, iteration)))
+    say(f"shard {report.shard} done: {report.prompts} prompts, {report.generated} generated, "
+        f"{len(report.failed)} failed, {report.ranked} ranked, {report.pairs} pairs")
+    if launch.rank != 0:
+        return
+    merged, failed = merge(wait_for_ranks(s, iteration, launch, say=say), iteration)
+    _print_report(s, merged)
+    if failed:
+        raise SelmError("; ".join(f"shard {r.shard} (rank {r.rank}, host {r.host}): {r.error}"
+                                  for r in failed)
+                        + ". The other shards are built; rerun the same command to finish")
+
+
+def _gpus_per_rank(manifest: Manifest) -> int:
+    """A rank's GPUs: the policy's tensor-parallel block under vLLM, else one."""
+    g = manifest.generation
+    return g.vllm.tensor_parallel_size if g.backend == "vllm" else 1
+
+
+def _say(launch: Launch) -> Callable[[str], None]:
+    return lambda text: console.print(f"{launch.prefix()} {text}", highlight=False,
+                                      soft_wrap=True, markup=False)
+
+
+def _lines(say: Callable[[str], None], iteration: int) -> Callable[[str, int, int], None]:
+    """Progress as log lines, one per commit (a rank without the bar)."""
+    def progress(stage: str, done: int, total: int) -> None:
+        phase = {"responses": "generating", "prompts": "ranking"}.get(stage, stage)
+        say(f"iteration {iteration}: {phase} {done}/{total}")
+    return progress
+
+
+@contextmanager
+def _bar(title: str) -> Iterator[Callable[[str, int, int], None]]:
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task(f"iteration {iteration}", total=None)
+        task = bar.add_task(title, total=None)
 
         def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, description=f"iteration {iteration}")
+            phase = {"responses": "generating", "prompts": "ranking"}.get(stage, stage)
+            bar.update(task, completed=done, total=total,
+                       description=f"{title}: {phase} ({stage})")
 
-        report = build(loaded, iteration, s, shard=Shard.parse(shard), policy=policy,
-                       progress=progress)
-    _print_report(s, report)
+        yield progress
 
 
 def _print_report(s: Store, report: BuildReport) -> None:
@@ -395,7 +463,7 @@ def _print_report(s: Store, report: BuildReport) -> None:
     table.add_column("count", justify="right")
     for label, value in (
         ("source rows", report.source_rows), ("quarantined", report.quarantined),
-        ("duplicate prompts", report.duplicates), ("prompts in this shard", report.prompts),
+        ("duplicate prompts", report.duplicates), ("prompts", report.prompts),
         ("responses generated", report.generated), ("generations failed", len(report.failed)),
         ("rankings", report.ranked), ("unranked (rerun to retry)", len(report.unranked)),
         ("pairs", report.pairs), ("ties", report.ties),
@@ -494,7 +562,8 @@ def eval_cmd(
 ) -> None:
     """Generate a policy's answers to AlpacaEval, MT-Bench or a prompt file (greedy), store
     them with their lineage, and write them as AlpacaEval's model_outputs.json or FastChat's
-    answer jsonl for the official judges. Rerun to resume: stored answers are kept."""
+    answer jsonl for the official judges. Rerun to resume: stored answers are kept. Under a
+    launcher (torchrun, srun, mpirun) rank 0 answers on its GPU and the other ranks exit."""
     from selm_data.evaluate.answers import (
         check_name,
         default_name,
@@ -504,7 +573,12 @@ def eval_cmd(
         write_answer_files,
     )
 
+    launch = detect()
+    if launch.rank != 0:  # an evaluation set (805 or 80 questions) is one GPU's work
+        _say(launch)("eval runs on rank 0 only; this rank has nothing to do")
+        return
     loaded, s = _loaded(manifest, store, create=True)  # adds the eval tables to older stores
+    bind_gpus(launch, _gpus_per_rank(loaded))
     prompt_set = load_prompt_set(prompts)
     target = eval_policy(s, loaded, iteration=iteration, policy=policy)
     name = name or default_name(loaded, target)
@@ -681,8 +755,31 @@ def sources_check(
 
 
 def main() -> None:
+    sys.argv[1:] = _without_local_rank(sys.argv[1:])
     try:
         app()
     except SelmError as e:
         Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(2)
+
+
+def _without_local_rank(args: list[str]) -> list[str]:
+    """The `deepspeed` launcher passes `--local_rank=N` before the subcommand, where no option
+    of ours can take it; the same number is in LOCAL_RANK, which `launcher.detect` reads."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in ("--local_rank", "--local-rank"):
+            skip = "=" not in arg
+            value = arg.split("=", 1)[1] if not skip else (args[i + 1] if i + 1 < len(args)
+                                                           else "")
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+    return out
+
+
+if __name__ == "__main__":  # torchrun -m selm_data.cli, python -m selm_data.cli
+    main()

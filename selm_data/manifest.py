@@ -35,6 +35,10 @@ DEFAULT_MANIFESTS = ("selm.yaml", "manifests/demo.yaml")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# Where a model runs (see generation/devices.py): auto (this process's GPU, its LOCAL_RANK's,
+# else the CPU), cpu, cuda (the same GPU as auto) or cuda:N.
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$")]
+DType = Literal["auto", "float32", "bfloat16", "float16"]  # auto: bf16 on a GPU, fp32 on CPU
 
 
 class _Spec(BaseModel):
@@ -79,7 +83,7 @@ class PortionSpec(_Spec):
 class PolicySpec(_Spec):
     model: str  # Hub id or local folder of the starting policy (iteration 1's reference)
     revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DType = "auto"  # the transformers backend's; vLLM's own auto is the checkpoint's
     trust_remote_code: StrictBool = False  # runs code from the model repo: only for repos you trust
 
 
@@ -111,6 +115,9 @@ class GenerationSpec(_Spec):
     n: PositiveInt = 1
     seed: int | None = None  # per-request seeds derive from it when set
     batch_size: PositiveInt = 32
+    # The transformers backend's device (its dtype is policy.dtype). vLLM places itself: narrow
+    # its GPUs with CUDA_VISIBLE_DEVICES.
+    device: Device = "auto"
     vllm: VllmSpec = VllmSpec()
     server: ServerSpec | None = None
 
@@ -118,6 +125,10 @@ class GenerationSpec(_Spec):
     def _consistent(self) -> GenerationSpec:
         if (self.backend == "openai") != (self.server is not None):
             raise ValueError("backend 'openai' needs a 'server', and only it uses one")
+        if self.device != "auto" and self.backend != "transformers":
+            raise ValueError(f"generation.device applies to backend 'transformers' only; "
+                             f"backend {self.backend!r} places itself (vLLM: narrow its GPUs "
+                             "with CUDA_VISIBLE_DEVICES): remove generation.device")
         if self.n > 1 and self.temperature == 0.0:
             raise ValueError("n > 1 with temperature 0 gives n identical greedy samples")
         if self.top_k == 0 or self.top_k < -1:
@@ -133,11 +144,18 @@ class RankerSpec(_Spec):
     revision: str | None = None
     batch_size: PositiveInt = 8
     server: ServerSpec | None = None  # for kind 'judge'
+    # Where the ranker runs and in what precision (also for compare and winrates); a judge's
+    # model runs on its server. PairRM's dtype auto is llm-blender's choice (fp16 on a GPU).
+    device: Device = "auto"
+    dtype: DType = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> RankerSpec:
         if (self.kind == "judge") != (self.server is not None):
             raise ValueError("ranker kind 'judge' needs a 'server', and only it uses one")
+        if self.kind == "judge" and (self.device, self.dtype) != ("auto", "auto"):
+            raise ValueError("ranker kind 'judge' runs on its server: remove ranker.device "
+                             "and ranker.dtype")
         return self
 
 

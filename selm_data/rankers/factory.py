@@ -17,11 +17,12 @@ def make_ranker(spec: RankerSpec) -> Ranker:
     if spec.kind == "reward_model":
         model = resolve_policy(spec.model, revision=spec.revision)
         return RewardModelRanker(model.path, revision=model.revision,
-                                 batch_size=spec.batch_size, fingerprint=model.fingerprint)
+                                 batch_size=spec.batch_size, fingerprint=model.fingerprint,
+                                 device=spec.device, dtype=spec.dtype)
     if spec.kind == "demo":
         from selm_data.rankers.demo import load_demo_ranker
 
-        return load_demo_ranker()
+        return load_demo_ranker(device=spec.device, dtype=spec.dtype)
     if spec.kind == "judge":
         from selm_data.rankers.judge import JudgeRanker
 
@@ -29,4 +30,5 @@ def make_ranker(spec: RankerSpec) -> Ranker:
         return JudgeRanker(spec.server)
     from selm_data.rankers.pairrm import load_pairrm
 
-    return load_pairrm(spec.model, spec.revision, spec.batch_size)
+    return load_pairrm(spec.model, spec.revision, spec.batch_size, device=spec.device,
+                       dtype=spec.dtype)

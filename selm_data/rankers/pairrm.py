@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from selm_data.errors import SelmError
+from selm_data.generation.devices import resolve_device, resolve_dtype
 from selm_data.generation.models import fingerprint_folder
 from selm_data.rankers.base import Message, RankRequest
 
@@ -294,26 +295,26 @@ class PairRMRanker:
 # --- loading ---------------------------------------------------------------------------------
 
 def load_pairrm(model: str, revision: str | None, batch_size: int, *,
-                device: str | None = None) -> PairRMRanker:
+                device: str = "auto", dtype: str = "auto") -> PairRMRanker:
     """The PairRM-style ranker `model` names, loaded through `Blender().loadranker(folder)`.
 
     `model` is a Hub id (downloaded with `snapshot_download(model, revision=revision)`, pickle
     files skipped; offline, set HF_HUB_OFFLINE=1 to use the Hub cache) or a local folder holding
     llm-blender's RankerConfig as `config.json` and the ranker as `model.safetensors`.
-    `batch_size` is `Blender.rank`'s: how many requests are collated together. `device` defaults
-    to cuda when available (where PairRM's config asks for fp16, as `Blender` does), else cpu.
+    `batch_size` is `Blender.rank`'s: how many requests are collated together. `device` is
+    resolved by `generation.devices.resolve_device` (auto: this process's GPU, LOCAL_RANK's, else
+    the CPU); `dtype` auto keeps llm-blender's own choice (fp16 on a GPU where PairRM's config
+    asks for it, fp32 on CPU), any other value casts the ranker to it.
 
     Raises:
         SelmError: llm-blender missing, a download failing, a folder that is not a PairRM-style
             ranker or that has pickled weights, or llm-blender failing to load it.
     """
-    import torch
-
     llm_blender = import_llm_blender()
     folder, name = _ranker_folder(model, revision)
     config = _check_folder(folder)
     version = _fingerprint(folder, config["model_name"])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))
     blender = llm_blender.Blender(llm_blender.BlenderConfig(device=device, use_tqdm=False))
     try:
         with contextlib.redirect_stdout(sys.stderr):  # loadranker prints; keep stdout clean
@@ -322,6 +323,8 @@ def load_pairrm(model: str, revision: str | None, batch_size: int, *,
         raise SelmError(f"llm-blender could not load the ranker in {folder}: {e}; check that "
                         "config.json, model.safetensors and the backbone "
                         f"{config['model_name']!r} belong together") from e
+    if dtype != "auto":
+        blender.ranker.to(resolve_dtype(dtype, resolve_device(device)))
     return PairRMRanker(blender, name=name, version=version, batch_size=batch_size)
 
 

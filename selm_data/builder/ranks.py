@@ -1,0 +1,204 @@
+"""Ranks are shards: a build under a launcher, one shard per rank, meeting only in the store.
+
+Rank r of k builds shard r/k (`Shard.holds`: a prompt belongs to shard i of k when its id
+hashes to i mod k) under the shard's lease, exactly as `selm-data build --shard r/k` by hand.
+No process group is set up. When a rank ends it writes its record, its `BuildReport` or its
+error, to ``<store>/_builds/iter=N/shard=i-of-k.json``, tagged with the launch's id (the same in
+every rank of one launch, see `launcher.detect`); rank 0, after its own shard, waits for the
+other records of this launch by reading those files, and prints one merged report.
+
+Crash and restart. Ids are content-derived and every build first reads what its iteration
+already holds, so relaunching builds only what is missing, with any number of ranks: with k'
+ranks the prompts are cut into k' new shards (a prompt's shard is its id's hash mod k'), each
+new shard reads the whole iteration's finished work and skips it. Nothing is built twice and
+nothing already committed is lost; a dead rank's lease is taken over by whoever claims it next.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from selm_data.builder.iteration import BuildReport, Shard
+from selm_data.errors import SelmError
+from selm_data.generation.launcher import Launch
+from selm_data.store.store import Store
+
+BUILDS_DIR = "_builds"
+POLL_SECONDS = 1.0
+
+
+def shard_for(requested: str | None, launch: Launch) -> Shard:
+    """The shard this process builds: `--shard i/k` when given, else rank/world of its launcher.
+
+    Raises:
+        SelmError: `--shard` disagrees with the launcher's rank and world size.
+    """
+    if requested is None:
+        return Shard(launch.rank, launch.world)
+    shard = Shard.parse(requested)
+    if launch.world > 1 and shard != Shard(launch.rank, launch.world):
+        raise SelmError(
+            f"--shard {requested} disagrees with {launch.launcher}, which started this process "
+            f"as rank {launch.rank} of {launch.world} (shard {launch.rank}/{launch.world}): "
+            "leave --shard out under a launcher (each rank builds its own shard), or run "
+            "without the launcher to pick shards by hand")
+    return shard
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What one rank left for the others: its report, or why it failed."""
+
+    shard: str  # i-of-k
+    rank: int
+    host: str
+    launch_id: str
+    finished: str  # ISO time
+    error: str | None = None  # None: built
+    report: dict | None = None  # the BuildReport's fields
+
+
+def record_path(store: Store, iteration: int, shard: Shard) -> Path:
+    return store.root / BUILDS_DIR / f"iter={iteration}" / f"shard={shard}.json"
+
+
+def _write_record(path: Path, record: ShardRecord) -> None:
+    """Written to a side file and renamed into place: a reader sees all of it or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{socket.gethostname()}.tmp")
+    tmp.write_text(json.dumps(asdict(record), sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_record(path: Path) -> ShardRecord | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ShardRecord(**{f.name: data.get(f.name) for f in fields(ShardRecord)})
+    except (OSError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def build_rank(store: Store, iteration: int, shard: Shard, launch: Launch,
+               run: Callable[[], BuildReport]) -> BuildReport:
+    """Run this rank's build (`run`) and leave its record for rank 0, also when it fails.
+
+    Raises:
+        SelmError: the build failed; names the rank, shard and host, and what to do.
+    """
+    path = record_path(store, iteration, shard)
+    path.unlink(missing_ok=True)  # an earlier launch's record of this shard is not this one's
+    host = socket.gethostname()
+
+    def record(**kw: object) -> ShardRecord:
+        return ShardRecord(str(shard), launch.rank, host, launch.launch_id,
+                           datetime.now(UTC).isoformat(timespec="seconds"), **kw)  # type: ignore[arg-type]
+
+    try:
+        report = run()
+    except Exception as e:
+        reason = str(e) if isinstance(e, SelmError) else f"{type(e).__name__}: {e}"
+        _write_record(path, record(error=reason))
+        raise SelmError(
+            f"rank {launch.rank} of {launch.world} (shard {shard}, host {host}) failed: "
+            f"{reason}. What it committed stays in the store: fix the cause and rerun the same "
+            "command, with any number of ranks, to build what is missing") from e
+    _write_record(path, record(report=asdict(report)))
+    return report
+
+
+def wait_for_ranks(store: Store, iteration: int, launch: Launch, *,
+                   say: Callable[[str], None] = lambda _: None,
+                   poll: float = POLL_SECONDS) -> list[ShardRecord]:
+    """Rank 0's wait for every shard's record of this launch, read from the store (no
+    collective). Stops early when a shard's lease holder died on this host without a record.
+    Says which shards it still waits for, once a minute."""
+    shards = [Shard(i, launch.world) for i in range(launch.world)]
+    last_said = time.monotonic()
+    while True:
+        found = {s: read_record(record_path(store, iteration, s)) for s in shards}
+        mine = {s: r for s, r in found.items() if r is not None and r.launch_id == launch.launch_id}
+        missing = [s for s in shards if s not in mine]
+        if not missing:
+            return [mine[s] for s in shards]
+        dead = _dead_shards(store, iteration, missing)
+        if dead:
+            return [mine[s] for s in shards if s in mine] + [
+                ShardRecord(str(s), s.index, "?", launch.launch_id, "", error="its rank died "
+                            "while building (lease left behind); rerun to finish it")
+                for s in dead]
+        if time.monotonic() - last_said > 60:
+            say(f"waiting for shard(s) {', '.join(str(s) for s in missing)} (still building, "
+                "or their ranks never started: run every rank under one launcher)")
+            last_said = time.monotonic()
+        time.sleep(poll)
+
+
+def _dead_shards(store: Store, iteration: int, shards: list[Shard]) -> list[Shard]:
+    """Shards whose lease was left by a holder that died (known for holders on this host)."""
+    stale = {holder.work for holder, state in store.leases() if state == "stale"}
+    return [s for s in shards if f"build/iter={iteration}/shard={s}" in stale]
+
+
+def merge(records: list[ShardRecord], iteration: int) -> tuple[BuildReport, list[ShardRecord]]:
+    """One report of every shard that finished (counts summed, failures listed), and the
+    records of the shards that did not."""
+    done = [r for r in records if r.error is None and r.report is not None]
+    failed = [r for r in records if r not in done]
+    k = len(records)
+    policies = sorted({r.report["policy"] for r in done if r.report})
+    merged = BuildReport(iteration, f"all {k} (merged)", policy=", ".join(policies) or "?")
+    for r in done:
+        assert r.report is not None
+        one = BuildReport(**r.report)
+        for f in fields(BuildReport):
+            if f.name in ("iteration", "shard", "policy"):
+                continue
+            if f.name in ("source_rows", "quarantined", "duplicates"):  # the same in every shard
+                setattr(merged, f.name, getattr(one, f.name))
+            elif f.name in ("failed", "unranked"):
+                getattr(merged, f.name).extend(tuple(x) for x in getattr(one, f.name))
+            else:
+                setattr(merged, f.name, getattr(merged, f.name) + getattr(one, f.name))
+    return merged, failed
+
+
+def shard_progress(store: Store) -> pl.DataFrame:
+    """Per build lease (one per shard of an iteration): its state and holder, the shard's
+    prompts stored, responses generated and pairs made so far; for `selm-data status`."""
+    rows = []
+    for holder, state in store.leases():
+        parts = dict(p.split("=", 1) for p in holder.work.split("/")[1:] if "=" in p)
+        if not holder.work.startswith("build/") or "iter" not in parts or "shard" not in parts:
+            continue
+        iteration = int(parts["iter"])
+        index, _, count = parts["shard"].partition("-of-")
+        shard = Shard(int(index), int(count))
+        rows.append({"iteration": iteration, "shard": str(shard), "state": state,
+                     **_counts(store, iteration, shard),
+                     "holder": f"pid {holder.pid} on {holder.host} since {holder.since}"})
+    return pl.DataFrame(rows) if rows else pl.DataFrame()
+
+
+def _counts(store: Store, iteration: int, shard: Shard) -> dict[str, int]:
+    """How far a shard has come, counted from the tables (the store, not the rank, says)."""
+    it = pl.col("iteration") == iteration
+
+    def count(table: str, *where: pl.Expr) -> int:
+        lf = store.scan(table).filter(it)
+        for w in where:
+            lf = lf.filter(w)
+        ids = lf.select("prompt_id").collect()["prompt_id"].to_list()
+        return sum(shard.holds(pid) for pid in ids)
+
+    return {"prompts": count("prompts"),
+            "generated": count("responses", pl.col("origin") == "policy",
+                               pl.col("status") == "ok"),
+            "pairs": count("pairs")}
