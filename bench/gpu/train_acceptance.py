@@ -119,24 +119,27 @@ def _train_check(name: str, train: dict, root: Path, snapshot: str, model: Path,
     print(f"\n== {name}: {' '.join(cmd[3:])}", flush=True)
     proc = _run(cmd, root / f"{name}.log")
     rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"')]
-    notes, ok = [], proc.returncode == 0
-    if not ok:
-        notes.append(f"exit {proc.returncode}: " + _last_error(proc.stdout))
-    if ok and not rows:
-        ok, _ = False, notes.append("no step logged")
+    notes: list[str] = []  # what was seen
+    problems: list[str] = []  # what fails the check
+    if proc.returncode != 0:
+        problems.append(f"exit {proc.returncode}: " + _last_error(proc.stdout))
+    elif not rows:
+        problems.append("no step logged")
     if rows:
         losses = [r["loss"] for r in rows]
         if not all(math.isfinite(x) for x in losses):
-            ok, _ = False, notes.append(f"non-finite loss {losses}")
+            problems.append(f"non-finite loss {losses}")
         if abs(losses[0] - math.log(2)) > 0.02:
-            ok, _ = False, notes.append(f"step 1 loss {losses[0]:.4f}, expected log 2")
+            problems.append(f"step 1 loss {losses[0]:.4f}, expected log 2")
         notes.append(f"{len(rows)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    if ok:
+    if not problems:
         files = {p.name for p in out.iterdir()}
         if not any(f.endswith(".safetensors") for f in files) or "config.json" not in files:
-            ok, _ = False, notes.append(f"checkpoint incomplete: {sorted(files)}")
+            problems.append(f"checkpoint incomplete: {sorted(files)}")
         if "lora" in train and not (out / "adapter" / "adapter_config.json").is_file():
-            ok, _ = False, notes.append("no adapter/ in the LoRA checkpoint")
+            problems.append("no adapter/ in the LoRA checkpoint")
+    ok = not problems
+    notes = problems + notes
     result = {"check": name, "ok": ok, "notes": "; ".join(notes)}
     if rows and "memory/peak_gib" in rows[-1]:
         result["peak"] = f"{max(r['memory/peak_gib'] for r in rows):.1f}"
