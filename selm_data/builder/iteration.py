@@ -53,6 +53,7 @@ from selm_data.generation.backends import (
     requests_for,
     stream_results,
 )
+from selm_data.generation.devices import free_accelerator_memory
 from selm_data.generation.models import ResolvedModel, resolve_policy
 from selm_data.manifest import Manifest
 from selm_data.rankers.base import Ranker, RankRequest
@@ -321,7 +322,8 @@ def _generate_shard(store: Store, manifest: Manifest, mine: list, iteration: int
         progress("responses", finished, len(todo))
     if owned:
         close_generator(engine)
-        del engine
+        del engine  # the last reference: what only it held (cycles too) is collected now
+        free_accelerator_memory()
 
 
 def _response_id(r: GenerationRequest, model: ResolvedModel, status: str) -> str:

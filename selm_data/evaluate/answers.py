@@ -57,6 +57,7 @@ from selm_data.generation.backends import (
     make_generator,
     stream_results,
 )
+from selm_data.generation.devices import free_accelerator_memory
 from selm_data.generation.models import ResolvedModel, resolve_policy
 from selm_data.manifest import BUNDLED_DATA, GenerationSpec, Manifest
 from selm_data.store.schema import EVAL_ANSWERS, content_id, row_ids
@@ -351,7 +352,8 @@ def evaluate(store: Store, manifest: Manifest, policy: EvalPolicy, prompt_set: P
                       report, manifest.commit_every, progress)
         if owned and generator is not None:
             close_generator(generator)
-            generator = None
+            generator = None  # the last reference: collected now, with any cycles
+            free_accelerator_memory()
     report.complete = sum(all((q.key, t) in answers for t in range(1, len(q.turns) + 1))
                           for q in questions)
     return report

@@ -49,6 +49,13 @@ def test_the_ranker_loads_only_after_the_generator_is_freed(tmp_path, tiny_lm, t
         generator = real_generator(*args, **kwargs)
         alive.append(weakref.ref(generator))
         events.append("generator")
+        close = generator.close
+
+        def closed() -> None:
+            events.append("closed")
+            close()
+
+        generator.close = closed
         return generator
 
     def make_ranker(spec):
@@ -63,7 +70,7 @@ def test_the_ranker_loads_only_after_the_generator_is_freed(tmp_path, tiny_lm, t
     heard: list[tuple[str, int, int]] = []
     report = build(m, 1, open_new(m.store), progress=lambda *a: heard.append(a),
                    generation_progress=lambda *a: heard.append(a))
-    assert events == ["generator", "ranker"]
+    assert events == ["generator", "closed", "ranker"]
     assert (report.generated, report.pairs) == (12, 12)
     # Every response is committed (in 3 commits of 4) before the first pair is.
     assert heard == [("responses", 4, 12), ("responses", 8, 12), ("responses", 12, 12),
