@@ -308,6 +308,18 @@ def _generate_shard(store: Store, manifest: Manifest, mine: list, iteration: int
     owned = generator is None
     engine = generator or make_generator(manifest.generation, manifest.policy, model.path,
                                          model.revision, seed=manifest.seed)
+    try:
+        _stream_into(store, manifest, engine, todo, iteration, model, done, report, progress)
+    finally:
+        if owned:
+            close_generator(engine)
+            del engine  # the last reference: what only it held (cycles too) is collected now
+            free_accelerator_memory()
+
+
+def _stream_into(store: Store, manifest: Manifest, engine: Generator,
+                 todo: list[GenerationRequest], iteration: int, model: ResolvedModel,
+                 done: _Done, report: BuildReport, progress: Progress) -> None:
     rows: list[dict] = []
     finished = 0
     for i, result in stream_results(engine, todo):
@@ -320,10 +332,6 @@ def _generate_shard(store: Store, manifest: Manifest, mine: list, iteration: int
     if rows:
         store.append("responses", rows)
         progress("responses", finished, len(todo))
-    if owned:
-        close_generator(engine)
-        del engine  # the last reference: what only it held (cycles too) is collected now
-        free_accelerator_memory()
 
 
 def _response_id(r: GenerationRequest, model: ResolvedModel, status: str) -> str:
