@@ -19,7 +19,13 @@ ones printed: vLLM's CPU build in bf16 is not bit-reproducible between calls (tw
 calls differed on 2 of 64 prompts with the prefix cache on). Runs alternate raw/selm,
 `--repeats` each; medians. Goal: selm at least 0.9 of raw tokens/s.
 
-Run: python bench/generate.py [--prompts 64] [--max-tokens 96] [--repeats 3]
+Also timed on the same engine, without the store (issue 14): the whole list of requests as
+one stream (`VLLMGenerator.stream`, the build's generation phase: every request enters the
+engine at once and results are taken as they finish) against the path builds took before,
+one `generate` call per chunk of `--chunk` prompts, each call draining the engine to its
+longest generation before the next starts.
+
+Run: python bench/generate.py [--prompts 64] [--max-tokens 96] [--repeats 3] [--chunk 16]
 """
 
 from __future__ import annotations
@@ -37,9 +43,9 @@ import polars as pl
 from overhead import DoubleRanker
 
 from selm_data.builder.iteration import build
-from selm_data.generation.backends import VLLMGenerator
+from selm_data.generation.backends import GenerationRequest, VLLMGenerator, requests_for
 from selm_data.generation.models import resolve_policy
-from selm_data.manifest import BUNDLED_DATA, Manifest, PolicySpec, VllmSpec
+from selm_data.manifest import BUNDLED_DATA, GenerationSpec, Manifest, PolicySpec, VllmSpec
 from selm_data.store.store import RunInfo, open_store
 
 GOAL = 0.9
@@ -57,6 +63,28 @@ def raw_run(gen: VLLMGenerator, conversations: list, max_tokens: int) -> tuple[f
     # prompt_token_ids is None only for a prompt given as embeddings
     return seconds, [(o.outputs[0].text.strip(), len(o.prompt_token_ids or ()),
                       len(o.outputs[0].token_ids)) for o in outputs]
+
+
+def chunked_run(gen: VLLMGenerator, requests: list[GenerationRequest],
+                chunk: int) -> tuple[float, int]:
+    """Before issue 14: one engine call per chunk; each call waits for its longest request."""
+    gen.llm.reset_prefix_cache()
+    t0 = time.perf_counter()
+    results = [r for start in range(0, len(requests), chunk)
+               for r in gen.generate(requests[start:start + chunk])]
+    seconds = time.perf_counter() - t0
+    assert all(r.status == "ok" for r in results)
+    return seconds, sum(r.completion_tokens or 0 for r in results)
+
+
+def stream_run(gen: VLLMGenerator, requests: list[GenerationRequest]) -> tuple[float, int]:
+    """The build's generation phase: all requests in one stream."""
+    gen.llm.reset_prefix_cache()
+    t0 = time.perf_counter()
+    results = [r for _, r in gen.stream(requests)]
+    seconds = time.perf_counter() - t0
+    assert all(r.status == "ok" for r in results) and len(results) == len(requests)
+    return seconds, sum(r.completion_tokens or 0 for r in results)
 
 
 def selm_run(gen: VLLMGenerator, source: Path, root: Path, max_tokens: int) -> tuple[float, list]:
@@ -87,6 +115,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=16, help="prompts a call, chunked path")
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in
@@ -104,7 +133,10 @@ def main() -> None:
     gen = VLLMGenerator(model.path, policy=PolicySpec(model=MODEL), revision=None, spec=spec,
                         seed=0)
     raw_run(gen, conversations[:4], 8)  # warm-up: first-call allocations on both paths
+    requests = requests_for(GenerationSpec(backend="vllm", max_tokens=args.max_tokens),
+                            [(str(i), c) for i, c in enumerate(conversations)])
     raw_tps, selm_tps, raw_s, selm_s = [], [], [], []
+    chunk_tps, stream_tps = [], []
     try:
         for rep in range(args.repeats):
             seconds, raw_out = raw_run(gen, conversations, args.max_tokens)
@@ -114,10 +146,15 @@ def main() -> None:
             selm_s.append(seconds)
             selm_tps.append(sum(n for *_, n in selm_out) / seconds)
             assert [p for _, p, _ in selm_out] == [p for _, p, _ in raw_out], "prompt tokens"
+            seconds, n = chunked_run(gen, requests, args.chunk)
+            chunk_tps.append(n / seconds)
+            seconds, n = stream_run(gen, requests)
+            stream_tps.append(n / seconds)
             same = sum(a[0] == b[0] for a, b in zip(raw_out, selm_out, strict=True))
             print(f"  repeat {rep + 1}/{args.repeats}: raw {raw_s[-1]:.2f} s "
                   f"({raw_tps[-1]:.1f} tok/s), selm {selm_s[-1]:.2f} s ({selm_tps[-1]:.1f} "
-                  f"tok/s), same text {same}/{len(raw_out)}", flush=True)
+                  f"tok/s), same text {same}/{len(raw_out)}; chunks of {args.chunk} "
+                  f"{chunk_tps[-1]:.1f} tok/s, one stream {stream_tps[-1]:.1f} tok/s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     tokens = sum(n for *_, n in raw_out)
@@ -132,6 +169,12 @@ def main() -> None:
           f"{statistics.median(selm_tps):.1f} |")
     print(f"ratio {ratio:.3f} of raw tokens/s (goal at least {GOAL}): "
           f"{'pass' if ratio >= GOAL else 'FAIL'}")
+    print(f"\n| engine calls (no store) | tokens/s |\n|---|---|\n"
+          f"| one call per chunk of {args.chunk} prompts (before) | "
+          f"{statistics.median(chunk_tps):.1f} |\n"
+          f"| one stream of all {args.prompts} (the build now) | "
+          f"{statistics.median(stream_tps):.1f} |")
+    print(f"stream / chunked: {statistics.median(stream_tps) / statistics.median(chunk_tps):.3f}")
     print(f"all runs, s: raw {[round(s, 2) for s in raw_s]}, selm {[round(s, 2) for s in selm_s]}")
 
 

@@ -588,8 +588,9 @@ def eval_cmd(
         task = bar.add_task(f"{target.label} on {prompt_set.name}", total=None)
         report = evaluate(s, loaded, target, prompt_set, limit=limit, max_tokens=max_tokens,
                           backend=backend,
-                          progress=lambda _, done, total: bar.update(task, completed=done,
-                                                                     total=total))
+                          progress=lambda stage, done, total: bar.update(
+                              task, completed=done, total=total,
+                              description=f"{target.label} on {prompt_set.name}: {stage}"))
     files = []
     if report.complete:
         # the judges read local files: beside a local store, else ./evals here

@@ -53,6 +53,7 @@ from selm_data.generation.backends import (
     requests_for,
     stream_results,
 )
+from selm_data.generation.devices import free_accelerator_memory
 from selm_data.generation.models import ResolvedModel, resolve_policy
 from selm_data.manifest import Manifest
 from selm_data.rankers.base import Ranker, RankRequest
@@ -307,6 +308,18 @@ def _generate_shard(store: Store, manifest: Manifest, mine: list, iteration: int
     owned = generator is None
     engine = generator or make_generator(manifest.generation, manifest.policy, model.path,
                                          model.revision, seed=manifest.seed)
+    try:
+        _stream_into(store, manifest, engine, todo, iteration, model, done, report, progress)
+    finally:
+        if owned:
+            close_generator(engine)
+            del engine  # the last reference: what only it held (cycles too) is collected now
+            free_accelerator_memory()
+
+
+def _stream_into(store: Store, manifest: Manifest, engine: Generator,
+                 todo: list[GenerationRequest], iteration: int, model: ResolvedModel,
+                 done: _Done, report: BuildReport, progress: Progress) -> None:
     rows: list[dict] = []
     finished = 0
     for i, result in stream_results(engine, todo):
@@ -319,9 +332,6 @@ def _generate_shard(store: Store, manifest: Manifest, mine: list, iteration: int
     if rows:
         store.append("responses", rows)
         progress("responses", finished, len(todo))
-    if owned:
-        close_generator(engine)
-        del engine
 
 
 def _response_id(r: GenerationRequest, model: ResolvedModel, status: str) -> str:

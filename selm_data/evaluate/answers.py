@@ -49,7 +49,15 @@ from pydantic import ValidationError
 
 from selm_data.builder.iteration import checkpoint_path
 from selm_data.errors import SelmError
-from selm_data.generation.backends import GenerationRequest, Generator, Sampling, make_generator
+from selm_data.generation.backends import (
+    GenerationRequest,
+    Generator,
+    Sampling,
+    close_generator,
+    make_generator,
+    stream_results,
+)
+from selm_data.generation.devices import free_accelerator_memory
 from selm_data.generation.models import ResolvedModel, resolve_policy
 from selm_data.manifest import BUNDLED_DATA, GenerationSpec, Manifest
 from selm_data.store.schema import EVAL_ANSWERS, content_id, row_ids
@@ -315,9 +323,11 @@ def evaluate(store: Store, manifest: Manifest, policy: EvalPolicy, prompt_set: P
              backend: str | None = None, generator: Generator | None = None,
              progress: Progress | None = None) -> EvalReport:
     """Generate and store the answers of `policy` to the first `limit` questions of
-    `prompt_set` that the store lacks, turn by turn, `manifest.commit_every` questions a
-    commit (the unit a crash can lose). `generator` defaults to the manifest's backend (or
-    `backend`) loaded with the policy; passing one lets a caller reuse a loaded model."""
+    `prompt_set` that the store lacks, turn by turn: each turn of all questions is one stream
+    of the engine (turn 2 needs turn 1's answers), `manifest.commit_every` answers a commit
+    (the unit a crash can lose). `generator` defaults to the manifest's backend (or
+    `backend`) loaded with the policy and freed at the end (engine shut down, GPU memory
+    given back); one passed in is the caller's to reuse and close."""
     if limit is not None and limit < 1:
         raise SelmError(f"--limit must be at least 1, not {limit}")
     questions = prompt_set.questions[:limit]
@@ -329,20 +339,21 @@ def evaluate(store: Store, manifest: Manifest, policy: EvalPolicy, prompt_set: P
     with store.claim(work):
         answers = stored_answers(store, prompt_set, policy, sampling, questions)
         report.already = len(answers)
-        chunk = manifest.commit_every
-        for start in range(0, len(questions), chunk):
-            batch = questions[start:start + chunk]
-            for turn in range(1, prompt_set.max_turns + 1):
-                todo = [(q, messages) for q in batch
-                        if turn <= len(q.turns) and (q.key, turn) not in answers
-                        and (messages := conversation(q, turn, answers)) is not None]
-                if not todo:
-                    continue
-                generator = generator or make_generator(spec, manifest.policy, policy.model.path,
-                                                        policy.model.revision, seed=manifest.seed)
-                _generate(store, generator, prompt_set, policy, sampling, turn, todo, answers,
-                          report)
-            progress("questions", min(start + chunk, len(questions)), len(questions))
+        owned = generator is None
+        for turn in range(1, prompt_set.max_turns + 1):
+            todo = [(q, messages) for q in questions
+                    if turn <= len(q.turns) and (q.key, turn) not in answers
+                    and (messages := conversation(q, turn, answers)) is not None]
+            if not todo:
+                continue
+            generator = generator or make_generator(spec, manifest.policy, policy.model.path,
+                                                    policy.model.revision, seed=manifest.seed)
+            _generate(store, generator, prompt_set, policy, sampling, turn, todo, answers,
+                      report, manifest.commit_every, progress)
+        if owned and generator is not None:
+            close_generator(generator)
+            generator = None  # the last reference: collected now, with any cycles
+            free_accelerator_memory()
     report.complete = sum(all((q.key, t) in answers for t in range(1, len(q.turns) + 1))
                           for q in questions)
     return report
@@ -361,11 +372,16 @@ def _generation(manifest: Manifest, backend: str | None) -> GenerationSpec:
 
 def _generate(store: Store, generator: Generator, prompt_set: PromptSet, policy: EvalPolicy,
               sampling: Sampling, turn: int, todo: list[tuple[Question, list[Message]]],
-              answers: dict[tuple[str, int], dict[str, Any]], report: EvalReport) -> None:
+              answers: dict[tuple[str, int], dict[str, Any]], report: EvalReport,
+              commit_every: int, progress: Progress) -> None:
+    """One turn of every question in `todo` through one stream of the engine (it never drains
+    between commits), answers committed every `commit_every` results."""
     requests = [GenerationRequest(f"{prompt_set.name}/{q.key}/{turn}", messages, 0, sampling)
                 for q, messages in todo]
     rows = []
-    for (q, messages), result in zip(todo, generator.generate(requests), strict=True):
+    finished = 0
+    for i, result in stream_results(generator, requests):
+        (q, messages), finished = todo[i], finished + 1
         row = {
             "prompt_set": prompt_set.name, "prompt_set_hash": prompt_set.hash,
             "question_id": q.key, "category": q.category, "turn": turn, "messages": messages,
@@ -383,7 +399,10 @@ def _generate(store: Store, generator: Generator, prompt_set: PromptSet, policy:
             report.generated += 1
         else:
             report.failed.append((q.key, turn, result.error or "unknown error"))
-    store.append("eval_answers", rows)
+        if len(rows) >= commit_every or finished == len(todo):
+            store.append("eval_answers", rows)
+            rows = []
+            progress(f"turn {turn}", finished, len(todo))
 
 
 # --- the official tools' files --------------------------------------------------------------

@@ -120,8 +120,9 @@ class TransformersGenerator:
     """`model.generate` in batches of similar lengths, left-padded.
 
     Sorting by length matters on CPU: one padded batch of 32 UltraFeedback prompts took 372 s
-    against 131 s in length-sorted batches of 8 (design.md §6). Seeded sampling runs one
-    request at a time under its own seed, so results do not depend on batching.
+    against 131 s in length-sorted batches of 8 (design.md §6). Seeded sampling runs in
+    batches too, each row drawing from its own torch.Generator (`_sample_batch`), so a
+    request's text does not depend on its batch.
     """
 
     backend = "transformers"
@@ -155,18 +156,20 @@ class TransformersGenerator:
 
     def stream(self, requests: Sequence[GenerationRequest]
                ) -> Iterator[tuple[int, GenerationResult]]:
-        """Results batch by batch (greedy requests in length-sorted batches, seeded ones alone),
-        each as (index into `requests`, result)."""
+        """Results batch by batch, each as (index into `requests`, result): length-sorted
+        batches of requests that share their sampling but for the seed."""
         texts = [self._render(r.messages) for r in requests]
         lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
         order = sorted(range(len(requests)), key=lambda i: lengths[i])
-        seeded = [i for i in order if not requests[i].sampling.greedy]
-        unseeded = [i for i in order if requests[i].sampling.greedy]
-        for start in range(0, len(unseeded), self.batch_size):
-            batch = unseeded[start:start + self.batch_size]
-            yield from zip(batch, self._run(batch, texts, requests), strict=True)
-        for i in seeded:
-            yield i, self._run([i], texts, requests)[0]
+        groups: dict[tuple, list[int]] = {}  # one batch shares all sampling but the seed
+        for i in order:
+            s = requests[i].sampling
+            groups.setdefault((s.greedy, s.temperature, s.top_p, s.top_k, s.max_tokens),
+                              []).append(i)
+        for group in groups.values():
+            for start in range(0, len(group), self.batch_size):
+                batch = group[start:start + self.batch_size]
+                yield from zip(batch, self._run(batch, texts, requests), strict=True)
 
     def close(self) -> None:
         """Drop the model, so its memory can be freed."""
@@ -184,7 +187,11 @@ class TransformersGenerator:
              requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One batch; if it fails, each request alone, so one bad prompt fails only itself."""
         try:
-            return self._generate_batch([texts[i] for i in batch], requests[batch[0]].sampling)
+            if requests[batch[0]].sampling.greedy:
+                return self._generate_batch([texts[i] for i in batch],
+                                            requests[batch[0]].sampling)
+            return self._sample_batch([texts[i] for i in batch],
+                                      [requests[i].sampling for i in batch])
         except Exception as e:
             if len(batch) == 1:
                 return [GenerationResult("failed", error=f"{type(e).__name__}: {e}")]
@@ -221,6 +228,73 @@ class TransformersGenerator:
                 finish_reason="length" if stop is None else "stop",
             ))
         return results
+
+
+    def _sample_batch(self, texts: list[str], samplings: list[Sampling]) -> list[GenerationResult]:
+        """Sampled requests in one batch, each row drawing its tokens from its own
+        torch.Generator seeded with its request's seed: row b's token at each step is the
+        inverse CDF of its filtered distribution at a uniform from generator b alone. So a
+        request's text does not depend on the rest of its batch, its order, shard or device
+        count (up to the float noise of batched logits, ~1e-6, which moves a draw only when
+        its uniform falls that close to a token's boundary). Left padding with explicit
+        position ids and a KV cache, as `generate` does; temperature, top-k and top-p as in
+        transformers' warpers."""
+        torch = self._torch
+        s = samplings[0]  # the batch shares all sampling but the seed
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True,
+                             add_special_tokens=False).to(self.device)
+        rngs = [torch.Generator(device=self.device).manual_seed(
+            x.seed if x.seed is not None else 0) for x in samplings]
+        eos = _eos_ids(self.model, self.tokenizer)
+        mask = enc.attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        step_ids, past = enc.input_ids, None
+        kept: list[list[int]] = [[] for _ in texts]
+        stopped = [False] * len(texts)
+        with torch.inference_mode():
+            for _ in range(s.max_tokens):
+                out = self.model(input_ids=step_ids, attention_mask=mask,
+                                 position_ids=positions, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                probs = _filtered_probs(torch, out.logits[:, -1, :].float(), s)
+                cdf = probs.cumsum(-1)
+                tokens = []
+                for b, rng in enumerate(rngs):
+                    u = torch.rand((1,), generator=rng, device=self.device) * cdf[b, -1]
+                    token = int(torch.searchsorted(cdf[b], u, right=True)
+                                .clamp(max=cdf.shape[1] - 1))
+                    if not stopped[b]:
+                        if token in eos:
+                            stopped[b] = True
+                        else:
+                            kept[b].append(token)
+                    tokens.append(token)
+                if all(stopped):
+                    break
+                step_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
+                mask = torch.cat([mask, mask.new_ones((len(texts), 1))], dim=1)
+                positions = positions[:, -1:] + 1
+        prompt_tokens = enc.attention_mask.sum(-1).cpu().tolist()
+        return [GenerationResult(
+            "ok", text=str(self.tokenizer.decode(row, skip_special_tokens=True)).strip(),
+            prompt_tokens=int(n), completion_tokens=len(row),
+            finish_reason="stop" if done else "length")
+            for row, n, done in zip(kept, prompt_tokens, stopped, strict=True)]
+
+
+def _filtered_probs(torch: Any, logits: Any, s: Sampling) -> Any:
+    """Next-token probabilities after temperature, top-k and top-p (nucleus: the smallest set
+    of top tokens whose mass reaches top_p, the top token always kept), rows independent."""
+    logits = logits / s.temperature
+    if s.top_k > 0 and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        ordered, index = torch.sort(logits, descending=True, dim=-1)
+        mass = ordered.softmax(-1).cumsum(-1)
+        drop = mass - ordered.softmax(-1) >= s.top_p  # the mass before a token already suffices
+        logits = logits.masked_fill(drop.scatter(-1, index, drop), float("-inf"))
+    return logits.softmax(-1)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

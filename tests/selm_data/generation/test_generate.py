@@ -73,3 +73,18 @@ def test_a_failing_prompt_is_recorded_and_the_others_succeed(tiny_lm, monkeypatc
     results = gen.generate(requests_for(GenerationSpec(max_tokens=5), prompts))
     assert [r.status for r in results] == ["ok", "ok", "failed"]
     assert results[2] == GenerationResult("failed", error="RuntimeError: simulated device error")
+
+
+@pytest.mark.slow
+def test_seeded_batches_give_the_texts_of_one_at_a_time(tiny_lm):
+    """Eight seeded requests (four prompts of different lengths, two samples each) in one
+    batch of 8 and one at a time: the same texts, so a request's output does not depend on
+    its batch, its order or how a build is sharded."""
+    spec = GenerationSpec(backend="transformers", temperature=1.0, top_p=0.9, top_k=50, n=2,
+                          seed=11, max_tokens=12)
+    requests = requests_for(spec, PROMPTS)
+    by_8 = generator(tiny_lm, 8).generate(requests)
+    by_1 = generator(tiny_lm, 1).generate(list(reversed(requests)))[::-1]
+    assert by_8 == by_1
+    assert all(r.status == "ok" and r.text for r in by_8)
+    assert len({r.text for r in by_8}) == 8, "every seed draws its own text"

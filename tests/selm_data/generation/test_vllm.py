@@ -70,6 +70,21 @@ def test_seeded_sampling_reruns_identically_whatever_the_batch(engine):
 
 
 @pytest.mark.slow
+def test_stream_gives_every_result_of_generate(engine):
+    """The build's path: every request into the engine at once, results as they finish."""
+    spec = GenerationSpec(backend="vllm", temperature=1.0, top_p=0.9, n=2, seed=11,
+                          max_tokens=12)
+    long = ("long", [{"role": "user", "content": "word " * 400}])
+    requests = requests_for(spec, [*PROMPTS, long])
+    streamed = list(engine.stream(requests))
+    assert sorted(i for i, _ in streamed) == list(range(len(requests)))
+    by_index = dict(streamed)
+    assert [by_index[i] for i in range(len(requests))] == engine.generate(requests)
+    assert [by_index[i].status for i in range(len(requests))] == ["ok"] * 6 + ["failed"] * 2
+    assert engine.llm.llm_engine.get_num_unfinished_requests() == 0
+
+
+@pytest.mark.slow
 def test_token_counts_and_finish_reasons_match_the_policy_tokenizer(engine, tiny_lm):
     results = engine.generate(requests_for(GenerationSpec(backend="vllm", max_tokens=9),
                                            PROMPTS))
