@@ -348,3 +348,17 @@ def test_offload_trains_as_without(snapshot, tiny_lm, tmp_path, offload, stage):
     b = AutoModelForCausalLM.from_pretrained(offloaded.checkpoint).state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_weights_are_read_straight_onto_the_device(tiny_lm, monkeypatch):
+    """Blocker 6a: each rank reads the weights onto its device (`device_map`), never a whole
+    CPU copy first that is then moved (8 ranks: 8 full copies in host memory at once). The
+    `meta` device stands in for a GPU; moving a loaded model is made to fail."""
+    from selm_train.train import _load
+
+    def no_move(self, *args, **kwargs):
+        raise AssertionError("the model was loaded elsewhere and then moved")
+
+    monkeypatch.setattr(torch.nn.Module, "to", no_move)
+    _, model = _load(resolve_policy(str(tiny_lm)), torch.device("meta"), TrainSpec())
+    assert {p.device.type for p in model.parameters()} == {"meta"}
