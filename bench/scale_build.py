@@ -56,8 +56,8 @@ def worker(args: argparse.Namespace) -> None:
     inside: set[str] = set()
     spent = {"model": 0.0, "commits": 0.0, "lease": 0.0, "done": 0.0, "source": 0.0}
 
-    def timed(name: str, fn):  # type: ignore[no-untyped-def]
-        def wrapper(*a, **kw):  # type: ignore[no-untyped-def]
+    def timed(name: str, fn):
+        def wrapper(*a, **kw):
             if name in inside:  # a nested call (append recording the run) counts once
                 return fn(*a, **kw)
             inside.add(name)
@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     class SleepGenerator(DoubleGenerator):
         """TEST DOUBLE: the overhead double's texts, one result every `gen_ms`, streamed."""
 
-        def stream(self, requests: Sequence):  # type: ignore[no-untyped-def]
+        def stream(self, requests: Sequence):
             for i, r in enumerate(requests):
                 t0 = time.perf_counter()
                 time.sleep(args.gen_ms / 1000)
@@ -83,14 +83,14 @@ def worker(args: argparse.Namespace) -> None:
     class SleepRanker(DoubleRanker):
         """TEST DOUBLE: the overhead double's scores after `rank_ms` per prompt."""
 
-        def score(self, requests: Sequence) -> list[list[float]]:  # type: ignore[override]
+        def score(self, requests: Sequence) -> list[list[float]]:
             t0 = time.perf_counter()
             time.sleep(args.rank_ms / 1000 * len(requests))
             spent["model"] += time.perf_counter() - t0
             return super().score(requests)
 
-    iteration._done = timed("done", iteration._done)  # type: ignore[assignment]
-    iteration.load_source = timed("source", iteration.load_source)  # type: ignore[assignment]
+    iteration._done = timed("done", iteration._done)
+    iteration.load_source = timed("source", iteration.load_source)
     Store.append = timed("commits", Store.append)  # type: ignore[method-assign]
     Store.claim = timed("lease", Store.claim)  # type: ignore[method-assign]
     manifest = make_manifest(Path(args.source), Path(args.store), 32)

@@ -116,6 +116,7 @@ def build(work: Path, kind: str) -> None:
 
     from selm_data.builder import iteration
     from selm_data.manifest import load_manifest
+    from selm_data.rankers.reward_model import RewardModelRanker
     from selm_data.store.store import RunInfo, open_store
 
     m = load_manifest(work / f"{kind}.yaml")
@@ -136,8 +137,10 @@ def build(work: Path, kind: str) -> None:
         at_ranker["used"] = gpu_used_mib()[0]
         watch.phase = "rank"
         ranker = real_make_ranker(spec)
-        at_ranker["device"] = str(next(ranker.model.parameters()).device)
-        at_ranker["dtype"] = str(next(ranker.model.parameters()).dtype)
+        assert isinstance(ranker, RewardModelRanker), "the acceptance ranker is a reward model"
+        model = ranker.model
+        at_ranker["device"] = str(next(model.parameters()).device)
+        at_ranker["dtype"] = str(next(model.parameters()).dtype)
         return ranker
 
     def generating(stage: str, done: int, total_: int) -> None:
