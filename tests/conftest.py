@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from s3server import proxy, s3_server, s3_uri  # noqa: F401  (the S3 server's fixtures)
 from selm_data.store.store import RunInfo, Store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
