@@ -6,7 +6,6 @@ An entry point: it parses arguments and calls the library; nothing imports it.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from rich.table import Table
 from selm_data.builder.iteration import BuildReport, build
 from selm_data.builder.ranks import build_rank, merge, shard_for, shard_progress, wait_for_ranks
 from selm_data.errors import SelmError
-from selm_data.generation.launcher import Launch, bind_gpus, detect
+from selm_data.generation.launcher import Launch, bind_gpus, detect, without_local_rank
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
 from selm_data.publish.snapshot import POLICY_RULE, Filters, export
 from selm_data.sources.dataset import LAYOUTS, load_source
@@ -756,30 +755,12 @@ def sources_check(
 
 
 def main() -> None:
-    sys.argv[1:] = _without_local_rank(sys.argv[1:])
+    sys.argv[1:] = without_local_rank(sys.argv[1:])
     try:
         app()
     except SelmError as e:
         Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(2)
-
-
-def _without_local_rank(args: list[str]) -> list[str]:
-    """The `deepspeed` launcher passes `--local_rank=N` before the subcommand, where no option
-    of ours can take it; the same number is in LOCAL_RANK, which `launcher.detect` reads."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-        elif arg.split("=")[0] in ("--local_rank", "--local-rank"):
-            skip = "=" not in arg
-            value = arg.split("=", 1)[1] if not skip else (args[i + 1] if i + 1 < len(args)
-                                                           else "")
-            os.environ.setdefault("LOCAL_RANK", value)
-        else:
-            out.append(arg)
-    return out
 
 
 if __name__ == "__main__":  # torchrun -m selm_data.cli, python -m selm_data.cli

@@ -8,7 +8,6 @@ train ...` or under the `deepspeed` launcher alike.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from selm_data.errors import SelmError
+from selm_data.generation.launcher import without_local_rank
 from selm_data.manifest import find_manifest, load_manifest
 
 app = typer.Typer(
@@ -147,32 +147,12 @@ def loop_cmd(
 
 
 def main() -> None:
-    sys.argv[1:] = _without_local_rank(sys.argv[1:])
+    sys.argv[1:] = without_local_rank(sys.argv[1:])
     try:
         app()
     except SelmError as e:
         Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(2)
-
-
-def _without_local_rank(args: list[str]) -> list[str]:
-    """The `deepspeed` launcher passes `--local_rank=N` before the subcommand, where no option
-    of ours can take it; the same number is in LOCAL_RANK, which init_distributed reads."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-        elif arg.split("=")[0] in ("--local_rank", "--local-rank"):
-            if "=" not in arg:
-                skip = True
-                value = args[i + 1] if i + 1 < len(args) else ""
-            else:
-                value = arg.split("=", 1)[1]
-            os.environ.setdefault("LOCAL_RANK", value)
-        else:
-            out.append(arg)
-    return out
 
 
 if __name__ == "__main__":  # python -m selm_train.cli (torchrun -m needs a module)

@@ -161,3 +161,24 @@ def bind_gpus(launch: Launch, gpus_per_rank: int = 1) -> list[str] | None:
     block = gpu_block(launch, gpus_per_rank, gpus)
     os.environ["CUDA_VISIBLE_DEVICES"] = os.environ[BOUND] = ",".join(block)
     return block
+
+
+def without_local_rank(args: list[str]) -> list[str]:
+    """The `deepspeed` launcher passes `--local_rank=N` before the subcommand, where no option
+    of ours can take it; the same number is in LOCAL_RANK, which `detect` (and
+    selm_train's init_distributed) read."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in ("--local_rank", "--local-rank"):
+            if "=" not in arg:
+                skip = True
+                value = args[i + 1] if i + 1 < len(args) else ""
+            else:
+                value = arg.split("=", 1)[1]
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+    return out

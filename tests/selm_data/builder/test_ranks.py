@@ -223,3 +223,15 @@ def test_eval_under_a_launcher_runs_on_rank_0_only(tmp_path):
                                 env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     assert result.exit_code == 0, result.output
     assert "[rank 1/2] eval runs on rank 0 only" in result.output
+
+
+@pytest.mark.parametrize("args", [["--local_rank=3", "build", "--iter", "1"],
+                                  ["--local-rank", "3", "build", "--iter", "1"]])
+def test_the_deepspeed_launchers_local_rank_is_taken_out_of_the_arguments(args, monkeypatch):
+    """`deepspeed --module selm_data.cli build ...` puts --local_rank before the subcommand;
+    both CLIs drop it (no option of theirs takes it) and keep the number in LOCAL_RANK."""
+    from selm_data.generation.launcher import without_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert without_local_rank(args) == ["build", "--iter", "1"]
+    assert os.environ["LOCAL_RANK"] == "3"
