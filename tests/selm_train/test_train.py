@@ -362,3 +362,51 @@ def test_weights_are_read_straight_onto_the_device(tiny_lm, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "to", no_move)
     _, model = _load(resolve_policy(str(tiny_lm)), torch.device("meta"), TrainSpec())
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+SAVE_WORKER = """
+import json, sys
+from pathlib import Path
+import torch
+import selm_train.train as trainer
+from selm_data.manifest import TrainSpec
+
+snapshot, policy, out, spec = sys.argv[1:5]
+gathered = []
+real_gather, real_barrier = trainer.gather_state_dict, torch.distributed.barrier
+
+def gather(engine):
+    state = real_gather(engine)
+    gathered.append(True)
+    return state
+
+def barrier(*args, **kwargs):
+    if gathered and torch.distributed.get_rank() != 0:
+        print("rank 1 waited for rank 0's save", flush=True)
+    return real_barrier(*args, **kwargs)
+
+trainer.gather_state_dict, torch.distributed.barrier = gather, barrier
+result = trainer.train(snapshot, policy, Path(out), TrainSpec.model_validate(json.loads(spec)),
+                       iteration=1, register=False)
+print(f"rank {torch.distributed.get_rank()} returned, checkpoint {result.checkpoint}", flush=True)
+"""
+
+
+def test_no_rank_waits_for_rank_0s_save(snapshot, tiny_lm, tmp_path):
+    """Blocker 6c: once the weights are gathered, the other ranks return; they do not wait in
+    a barrier while rank 0 writes the checkpoint (a large save outlasts a collective's
+    timeout). Rank 1's barrier calls after the gather are reported by the worker."""
+    script = tmp_path / "worker.py"
+    script.write_text(SAVE_WORKER)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    spec = SPEC.model_copy(update={"zero_stage": 2}).model_dump_json()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", str(script), snapshot, str(tiny_lm),
+                           str(tmp_path / "out"), spec],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 1 returned, checkpoint None" in proc.stdout
+    assert "rank 0 returned, checkpoint" in proc.stdout and (tmp_path / "out").is_dir()
+    assert "waited for rank 0's save" not in proc.stdout
