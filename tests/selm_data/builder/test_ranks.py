@@ -232,6 +232,7 @@ def test_the_deepspeed_launchers_local_rank_is_taken_out_of_the_arguments(args, 
     both CLIs drop it (no option of theirs takes it) and keep the number in LOCAL_RANK."""
     from selm_data.generation.launcher import without_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "")  # recorded, so the value set below is undone after
+    monkeypatch.delenv("LOCAL_RANK")
     assert without_local_rank(args) == ["build", "--iter", "1"]
     assert os.environ["LOCAL_RANK"] == "3"
