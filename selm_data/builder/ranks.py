@@ -1,17 +1,19 @@
 """Ranks are shards: a build under a launcher, one shard per rank, meeting only in the store.
 
-Rank r of k builds shard r/k (`Shard.holds`: a prompt belongs to shard i of k when its id
-hashes to i mod k) under the shard's lease, exactly as `selm-data build --shard r/k` by hand.
-No process group is set up. When a rank ends it writes its record, its `BuildReport` or its
-error, to ``<store>/_builds/iter=N/shard=i-of-k.json``, tagged with the launch's id (the same in
-every rank of one launch, see `launcher.detect`); rank 0, after its own shard, waits for the
-other records of this launch by reading those files, and prints one merged report.
+Rank r of k builds shard r/k (`Shard.take`: every k-th prompt of the iteration's portion, in
+source order, from the r-th, so shard sizes differ by at most one) under the shard's lease,
+exactly as `selm-data build --shard r/k` by hand. No process group is set up. When a rank ends
+it writes its record, its `BuildReport` or its error, to
+``<store>/_builds/iter=N/shard=i-of-k.json``, tagged with the launch's id (the same in every
+rank of one launch, see `launcher.detect`); rank 0, after its own shard, waits for the other
+records of this launch by reading those files, and prints one merged report.
 
 Crash and restart. Ids are content-derived and every build first reads what its iteration
 already holds, so relaunching builds only what is missing, with any number of ranks: with k'
-ranks the prompts are cut into k' new shards (a prompt's shard is its id's hash mod k'), each
-new shard reads the whole iteration's finished work and skips it. Nothing is built twice and
-nothing already committed is lost; a dead rank's lease is taken over by whoever claims it next.
+ranks the prompts are cut into k' new shards (the prompt at position p of the portion goes to
+shard p mod k'), each new shard reads the whole iteration's finished work and skips it. Nothing
+is built twice and nothing already committed is lost; a dead rank's lease is taken over by
+whoever claims it next.
 """
 
 from __future__ import annotations
@@ -188,15 +190,22 @@ def shard_progress(store: Store) -> pl.DataFrame:
 
 
 def _counts(store: Store, iteration: int, shard: Shard) -> dict[str, int]:
-    """How far a shard has come, counted from the tables (the store, not the rank, says)."""
+    """How far a shard has come, counted from the tables (the store, not the rank, says).
+
+    The shard's prompts are found as the build cut them: the iteration's stored prompts in
+    source order, every k-th from the i-th. Exact once every rank has stored its prompts,
+    which is the first thing a rank writes."""
     it = pl.col("iteration") == iteration
+    ordered = (store.scan("prompts").filter(it).select("prompt_id", "source_row")
+               .unique("prompt_id").sort("source_row").collect()["prompt_id"].to_list())
+    members = set(shard.take(ordered))
 
     def count(table: str, *where: pl.Expr) -> int:
         lf = store.scan(table).filter(it)
         for w in where:
             lf = lf.filter(w)
         ids = lf.select("prompt_id").collect()["prompt_id"].to_list()
-        return sum(shard.holds(pid) for pid in ids)
+        return sum(pid in members for pid in ids)
 
     return {"prompts": count("prompts"),
             "generated": count("responses", pl.col("origin") == "policy",

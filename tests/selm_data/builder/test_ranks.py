@@ -236,3 +236,15 @@ def test_the_deepspeed_launchers_local_rank_is_taken_out_of_the_arguments(args, 
     monkeypatch.delenv("LOCAL_RANK")
     assert without_local_rank(args) == ["build", "--iter", "1"]
     assert os.environ["LOCAL_RANK"] == "3"
+
+
+def test_shards_are_balanced_and_partition_the_portion():
+    """k ranks finish together only if their shards are the same size: sizes differ by at most
+    one, the shards cover the portion exactly once, and each keeps source order."""
+    portion = [f"p{i}" for i in range(1021)]
+    for k in (1, 2, 3, 8):
+        shards = [Shard(i, k).take(portion) for i in range(k)]
+        sizes = [len(s) for s in shards]
+        assert max(sizes) - min(sizes) <= 1, (k, sizes)
+        assert sorted(p for s in shards for p in s) == sorted(portion)
+        assert all(s == sorted(s, key=portion.index) for s in shards)
