@@ -100,8 +100,8 @@ def status(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         progress = Table(title="build shards (leases and progress)")
         for col in shards.columns:
             progress.add_column(col, justify="right" if shards[col].dtype.is_integer() else "left")
-        for row in shards.iter_rows():
-            progress.add_row(*(str(v) for v in row))
+        for row in shards.iter_rows():  # None: the shard's source cannot be read here
+            progress.add_row(*("?" if v is None else str(v) for v in row))
         console.print(progress)
     held = [(h, st) for h, st in s.leases() if not h.work.startswith("build/")]
     if held:

@@ -136,7 +136,7 @@ def build(
     `progress` ("prompts", done, total) as pairs are."""
     spec = manifest.iteration(iteration)
     loaded = load_source(manifest.source)
-    portion = _portion(manifest, loaded, iteration)
+    portion = portion_of(manifest, loaded, iteration)
     mine = shard.take(portion)
     with store.claim(f"build/iter={iteration}/shard={shard}"):
         _store_inputs(store, loaded, mine, iteration)
@@ -154,7 +154,8 @@ def build(
         return report
 
 
-def _portion(manifest: Manifest, loaded: LoadedSource, t: int) -> list[tuple[str, Example]]:
+def portion_of(manifest: Manifest, loaded: LoadedSource, t: int) -> list[tuple[str, Example]]:
+    """Iteration t's prompts, (prompt id, example) in source order: what shards are cut from."""
     ids = [row_id(PROMPTS, {"messages": ex.messages}) for ex in loaded.examples]
     portions = assign_portions(ids, manifest.num_portions, manifest.portions.split)
     return [(pid, ex) for pid, ex, p in zip(ids, loaded.examples, portions, strict=True) if p == t]

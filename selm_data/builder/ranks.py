@@ -28,9 +28,11 @@ from pathlib import Path
 
 import polars as pl
 
-from selm_data.builder.iteration import BuildReport, Shard
+from selm_data.builder.iteration import BuildReport, Shard, portion_of
 from selm_data.errors import SelmError
 from selm_data.generation.launcher import Launch
+from selm_data.manifest import Manifest
+from selm_data.sources.dataset import load_source
 from selm_data.store.store import Store
 
 BUILDS_DIR = "_builds"
@@ -176,6 +178,7 @@ def shard_progress(store: Store) -> pl.DataFrame:
     """Per build lease (one per shard of an iteration): its state and holder, the shard's
     prompts stored, responses generated and pairs made so far; for `selm-data status`."""
     rows = []
+    portions: dict[tuple[str | None, int], list[str] | None] = {}  # by (manifest, iteration)
     for holder, state in store.leases():
         parts = dict(p.split("=", 1) for p in holder.work.split("/")[1:] if "=" in p)
         if not holder.work.startswith("build/") or "iter" not in parts or "shard" not in parts:
@@ -183,22 +186,40 @@ def shard_progress(store: Store) -> pl.DataFrame:
         iteration = int(parts["iter"])
         index, _, count = parts["shard"].partition("-of-")
         shard = Shard(int(index), int(count))
-        rows.append({"iteration": iteration, "shard": str(shard), "state": state,
-                     **_counts(store, iteration, shard),
+        key = (_recorded_manifest(store, holder.run_id), iteration)
+        if key not in portions:
+            portions[key] = _portion_ids(*key)
+        ids = portions[key]
+        counts = (_counts(store, iteration, set(shard.take(ids))) if ids is not None
+                  else dict.fromkeys(("prompts", "generated", "pairs")))
+        rows.append({"iteration": iteration, "shard": str(shard), "state": state, **counts,
                      "holder": f"pid {holder.pid} on {holder.host} since {holder.since}"})
     return pl.DataFrame(rows) if rows else pl.DataFrame()
 
 
-def _counts(store: Store, iteration: int, shard: Shard) -> dict[str, int]:
-    """How far a shard has come, counted from the tables (the store, not the rank, says).
+def _recorded_manifest(store: Store, run_id: str) -> str | None:
+    """The manifest a run recorded in `runs` (None if it recorded none)."""
+    recorded = (store.scan("runs").filter(pl.col("run_id") == run_id).select("manifest")
+                .collect()["manifest"].to_list())
+    return recorded[0] if recorded else None
 
-    The shard's prompts are found as the build cut them: the iteration's stored prompts in
-    source order, every k-th from the i-th. Exact once every rank has stored its prompts,
-    which is the first thing a rank writes."""
+
+def _portion_ids(manifest_json: str | None, iteration: int) -> list[str] | None:
+    """The iteration's prompt ids in source order, cut from the source of the manifest that
+    the shard's builder recorded (a shard is a position in the portion, which only the source
+    knows); None when that run recorded no manifest or its source cannot be read here."""
+    if manifest_json is None:
+        return None
+    try:
+        manifest = Manifest.model_validate_json(manifest_json)
+        return [pid for pid, _ in portion_of(manifest, load_source(manifest.source), iteration)]
+    except (SelmError, OSError, ValueError):
+        return None
+
+
+def _counts(store: Store, iteration: int, members: set[str]) -> dict[str, int]:
+    """How far a shard has come, counted from the tables (the store, not the rank, says)."""
     it = pl.col("iteration") == iteration
-    ordered = (store.scan("prompts").filter(it).select("prompt_id", "source_row")
-               .unique("prompt_id").sort("source_row").collect()["prompt_id"].to_list())
-    members = set(shard.take(ordered))
 
     def count(table: str, *where: pl.Expr) -> int:
         lf = store.scan(table).filter(it)

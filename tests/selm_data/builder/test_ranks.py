@@ -17,7 +17,7 @@ import yaml
 from helpers import manifest_dict
 from selm_data import SelmError, open_store, verify
 from selm_data.builder.iteration import Shard, build
-from selm_data.builder.ranks import shard_for
+from selm_data.builder.ranks import shard_for, shard_progress
 from selm_data.generation import launcher
 from selm_data.generation.launcher import Launch, detect, gpu_block
 from selm_data.manifest import Manifest
@@ -248,3 +248,18 @@ def test_shards_are_balanced_and_partition_the_portion():
         assert max(sizes) - min(sizes) <= 1, (k, sizes)
         assert sorted(p for s in shards for p in s) == sorted(portion)
         assert all(s == sorted(s, key=portion.index) for s in shards)
+
+
+def test_status_counts_each_shard_as_the_build_cut_it(tmp_path):
+    """`selm-data status` finds a shard's prompts from the stored source rows, as `take` cut
+    them: shard 0 of 3, built alone, shows its 4 of the portion's 12 prompts and 4 pairs.
+    A builder that recorded no manifest (a library call) leaves the counts unknown."""
+    d = manifest_dict(tmp_path, tmp_path / "unused-lm", tmp_path / "unused-rm")
+    d["iterations"] = [{"pairs": "original", "loss": "dpo", "alpha": 0.0}, {}]
+    m = Manifest.model_validate(d)
+    store = open_store(m.store, create=True, run=m.run_info("pytest"))  # as the CLI opens it
+    build(m, 1, store, shard=Shard(0, 3))
+    build(m, 1, open_store(m.store, run=RunInfo.new("pytest")), shard=Shard(1, 3))
+    progress = shard_progress(store)
+    assert progress.select("iteration", "shard", "state", "prompts", "pairs").rows() == [
+        (1, "0-of-3", "released", 4, 4), (1, "1-of-3", "released", None, None)]
