@@ -19,12 +19,13 @@ whoever claims it next.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from pathlib import Path
 
 import polars as pl
 
@@ -70,24 +71,33 @@ class ShardRecord:
     report: dict | None = None  # the BuildReport's fields
 
 
-def record_path(store: Store, iteration: int, shard: Shard) -> Path:
-    return store.root / BUILDS_DIR / f"iter={iteration}" / f"shard={shard}.json"
+def record_path(iteration: int, shard: Shard) -> str:
+    """Where a shard's record lies, relative to the store (a folder or an object-store URI)."""
+    return f"{BUILDS_DIR}/iter={iteration}/shard={shard}.json"
 
 
-def _write_record(path: Path, record: ShardRecord) -> None:
-    """Written to a side file and renamed into place: a reader sees all of it or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{socket.gethostname()}.tmp")
-    tmp.write_text(json.dumps(asdict(record), sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+def _write_record(store: Store, path: str, record: ShardRecord) -> None:
+    """Written to a side file and moved into place: a reader sees all of it or none (a
+    rename on a disk; on an object store the PUT of the copy is whole)."""
+    store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    with store.fs.open_output_stream(tmp) as out:
+        out.write(json.dumps(asdict(record), sort_keys=True).encode())
+    store.fs.move(tmp, path)
 
 
-def read_record(path: Path) -> ShardRecord | None:
+def read_record(store: Store, path: str) -> ShardRecord | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with store.fs.open_input_stream(path) as f:
+            data = json.loads(f.read().decode("utf-8"))
         return ShardRecord(**{f.name: data.get(f.name) for f in fields(ShardRecord)})
-    except (OSError, json.JSONDecodeError, TypeError):
+    except (OSError, json.JSONDecodeError, TypeError):  # pyarrow's errors are OSErrors
         return None
+
+
+def _forget_record(store: Store, path: str) -> None:
+    with suppress(OSError):  # absent: nothing to forget
+        store.fs.delete_file(path)
 
 
 def build_rank(store: Store, iteration: int, shard: Shard, launch: Launch,
@@ -97,8 +107,8 @@ def build_rank(store: Store, iteration: int, shard: Shard, launch: Launch,
     Raises:
         SelmError: the build failed; names the rank, shard and host, and what to do.
     """
-    path = record_path(store, iteration, shard)
-    path.unlink(missing_ok=True)  # an earlier launch's record of this shard is not this one's
+    path = record_path(iteration, shard)
+    _forget_record(store, path)  # an earlier launch's record of this shard is not this one's
     host = socket.gethostname()
 
     def record(**kw: object) -> ShardRecord:
@@ -109,12 +119,12 @@ def build_rank(store: Store, iteration: int, shard: Shard, launch: Launch,
         report = run()
     except Exception as e:
         reason = str(e) if isinstance(e, SelmError) else f"{type(e).__name__}: {e}"
-        _write_record(path, record(error=reason))
+        _write_record(store, path, record(error=reason))
         raise SelmError(
             f"rank {launch.rank} of {launch.world} (shard {shard}, host {host}) failed: "
             f"{reason}. What it committed stays in the store: fix the cause and rerun the same "
             "command, with any number of ranks, to build what is missing") from e
-    _write_record(path, record(report=asdict(report)))
+    _write_record(store, path, record(report=asdict(report)))
     return report
 
 
@@ -127,7 +137,7 @@ def wait_for_ranks(store: Store, iteration: int, launch: Launch, *,
     shards = [Shard(i, launch.world) for i in range(launch.world)]
     last_said = time.monotonic()
     while True:
-        found = {s: read_record(record_path(store, iteration, s)) for s in shards}
+        found = {s: read_record(store, record_path(iteration, s)) for s in shards}
         mine = {s: r for s, r in found.items() if r is not None and r.launch_id == launch.launch_id}
         missing = [s for s in shards if s not in mine]
         if not missing:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
@@ -263,3 +264,28 @@ def test_status_counts_each_shard_as_the_build_cut_it(tmp_path):
     progress = shard_progress(store)
     assert progress.select("iteration", "shard", "state", "prompts", "pairs").rows() == [
         (1, "0-of-3", "released", 4, 4), (1, "1-of-3", "released", None, None)]
+
+
+@pytest.mark.slow
+def test_ranks_build_into_an_object_store(tmp_path, s3_uri):
+    """Under a launcher the ranks meet only in the store, and an s3:// store is enough: each
+    rank's record goes there, and rank 0 prints one merged report read from it."""
+    d = manifest_dict(tmp_path, tmp_path / "unused-lm", tmp_path / "unused-rm")
+    d["store"] = s3_uri
+    d["iterations"] = [{"pairs": "original", "loss": "dpo", "alpha": 0.0}, {}]
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump(d))
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "selm_data.cli", "build", "--iter", "1", "--manifest",
+         str(manifest)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=child_env(tmp_path, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                      TORCHELASTIC_RUN_ID="s3-launch"))
+        for r in range(2)]
+    out = "".join(finish(procs))
+    assert out.count("shard all 2 (merged)") == 1, out
+    store = open_store(s3_uri)
+    assert store.scan("pairs").collect().height == 12
+    assert verify(store) == []
+    records = sorted(store.fs.get_file_info(pafs.FileSelector("_builds/iter=1")),
+                     key=lambda info: info.path)
+    assert [info.base_name for info in records] == ["shard=0-of-2.json", "shard=1-of-2.json"]
