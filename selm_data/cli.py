@@ -392,7 +392,7 @@ def build_cmd(
     loaded = load_manifest(find_manifest(manifest))  # build needs the recipe, even with --store
     launch = detect()
     mine = shard_for(shard, launch)
-    bind_gpus(launch, _gpus_per_rank(loaded))
+    bind_gpus(launch, loaded.generation.gpus_per_rank())
     path = store or loaded.store
     s = open_store(path, create=True, run=_run_info(loaded))
 
@@ -421,12 +421,6 @@ def build_cmd(
         raise SelmError("; ".join(f"shard {r.shard} (rank {r.rank}, host {r.host}): {r.error}"
                                   for r in failed)
                         + ". The other shards are built; rerun the same command to finish")
-
-
-def _gpus_per_rank(manifest: Manifest) -> int:
-    """A rank's GPUs: the policy's tensor-parallel block under vLLM, else one."""
-    g = manifest.generation
-    return g.vllm.tensor_parallel_size if g.backend == "vllm" else 1
 
 
 def _say(launch: Launch) -> Callable[[str], None]:
@@ -577,7 +571,7 @@ def eval_cmd(
         _say(launch)("eval runs on rank 0 only; this rank has nothing to do")
         return
     loaded, s = _loaded(manifest, store, create=True)  # adds the eval tables to older stores
-    bind_gpus(launch, _gpus_per_rank(loaded))
+    bind_gpus(launch, loaded.generation.gpus_per_rank())
     prompt_set = load_prompt_set(prompts)
     target = eval_policy(s, loaded, iteration=iteration, policy=policy)
     name = name or default_name(loaded, target)
