@@ -26,6 +26,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import polars as pl
 
@@ -37,6 +38,7 @@ from selm_data.sources.dataset import load_source
 from selm_data.store.store import Store
 
 BUILDS_DIR = "_builds"
+R = TypeVar("R")
 POLL_SECONDS = 1.0
 
 
@@ -71,9 +73,10 @@ class ShardRecord:
     report: dict | None = None  # the BuildReport's fields
 
 
-def record_path(iteration: int, shard: Shard) -> str:
-    """Where a shard's record lies, relative to the store (a folder or an object-store URI)."""
-    return f"{BUILDS_DIR}/iter={iteration}/shard={shard}.json"
+def record_path(job: str, shard: Shard) -> str:
+    """Where a shard's record of `job` lies, relative to the store (a folder or an
+    object-store URI). `job` is also the prefix of the shard's lease: "build/iter=2"."""
+    return f"{BUILDS_DIR}/{job.removeprefix('build/')}/shard={shard}.json"
 
 
 def _write_record(store: Store, path: str, record: ShardRecord) -> None:
@@ -107,7 +110,18 @@ def build_rank(store: Store, iteration: int, shard: Shard, launch: Launch,
     Raises:
         SelmError: the build failed; names the rank, shard and host, and what to do.
     """
-    path = record_path(iteration, shard)
+    return run_rank(store, f"build/iter={iteration}", shard, launch, run, asdict)
+
+
+def run_rank(store: Store, job: str, shard: Shard, launch: Launch, run: Callable[[], R],
+             summary: Callable[[R], dict]) -> R:
+    """Run this rank's part of `job` and leave its record (`summary` of what `run` returns,
+    or the error) for rank 0, also when it fails.
+
+    Raises:
+        SelmError: `run` failed; names the rank, shard and host, and what to do.
+    """
+    path = record_path(job, shard)
     _forget_record(store, path)  # an earlier launch's record of this shard is not this one's
     host = socket.gethostname()
 
@@ -124,29 +138,36 @@ def build_rank(store: Store, iteration: int, shard: Shard, launch: Launch,
             f"rank {launch.rank} of {launch.world} (shard {shard}, host {host}) failed: "
             f"{reason}. What it committed stays in the store: fix the cause and rerun the same "
             "command, with any number of ranks, to build what is missing") from e
-    _write_record(store, path, record(report=asdict(report)))
+    _write_record(store, path, record(report=summary(report)))
     return report
 
 
 def wait_for_ranks(store: Store, iteration: int, launch: Launch, *,
                    say: Callable[[str], None] = lambda _: None,
                    poll: float = POLL_SECONDS) -> list[ShardRecord]:
-    """Rank 0's wait for every shard's record of this launch, read from the store (no
+    """Rank 0's wait for every shard's build record of this launch (see `wait_for_job`)."""
+    return wait_for_job(store, f"build/iter={iteration}", launch, say=say, poll=poll)
+
+
+def wait_for_job(store: Store, job: str, launch: Launch, *,
+                 say: Callable[[str], None] = lambda _: None,
+                 poll: float = POLL_SECONDS) -> list[ShardRecord]:
+    """Rank 0's wait for every shard's record of `job` in this launch, read from the store (no
     collective). Stops early when a shard's lease holder died on this host without a record.
     Says which shards it still waits for, once a minute."""
     shards = [Shard(i, launch.world) for i in range(launch.world)]
     last_said = time.monotonic()
     while True:
-        found = {s: read_record(store, record_path(iteration, s)) for s in shards}
+        found = {s: read_record(store, record_path(job, s)) for s in shards}
         mine = {s: r for s, r in found.items() if r is not None and r.launch_id == launch.launch_id}
         missing = [s for s in shards if s not in mine]
         if not missing:
             return [mine[s] for s in shards]
-        dead = _dead_shards(store, iteration, missing)
+        dead = _dead_shards(store, job, missing)
         if dead:
             return [mine[s] for s in shards if s in mine] + [
                 ShardRecord(str(s), s.index, "?", launch.launch_id, "", error="its rank died "
-                            "while building (lease left behind); rerun to finish it")
+                            "while working (lease left behind); rerun to finish it")
                 for s in dead]
         if time.monotonic() - last_said > 60:
             say(f"waiting for shard(s) {', '.join(str(s) for s in missing)} (still building, "
@@ -155,10 +176,10 @@ def wait_for_ranks(store: Store, iteration: int, launch: Launch, *,
         time.sleep(poll)
 
 
-def _dead_shards(store: Store, iteration: int, shards: list[Shard]) -> list[Shard]:
+def _dead_shards(store: Store, job: str, shards: list[Shard]) -> list[Shard]:
     """Shards whose lease was left by a holder that died (known for holders on this host)."""
     stale = {holder.work for holder, state in store.leases() if state == "stale"}
-    return [s for s in shards if f"build/iter={iteration}/shard={s}" in stale]
+    return [s for s in shards if f"{job}/shard={s}" in stale]
 
 
 def merge(records: list[ShardRecord], iteration: int) -> tuple[BuildReport, list[ShardRecord]]:

@@ -4,6 +4,7 @@ world size; launcher detection and GPU blocks."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -214,16 +215,34 @@ def test_a_rank_that_fails_to_start_fails_the_launch_loudly(tmp_path, tiny_lm, t
     assert "no-such-model" in record
 
 
-def test_eval_under_a_launcher_runs_on_rank_0_only(tmp_path):
-    from typer.testing import CliRunner
-
-    from selm_data.cli import app
-
-    result = CliRunner().invoke(app, ["eval", "--iter", "0", "--manifest",
-                                      str(tmp_path / "absent.yaml")],
-                                env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
-    assert result.exit_code == 0, result.output
-    assert "[rank 1/2] eval runs on rank 0 only" in result.output
+@pytest.mark.slow
+def test_eval_under_a_launcher_splits_the_questions_and_writes_the_files_once(tmp_path, tiny_lm,
+                                                                            tiny_rm):
+    """2 ranks answer MT-Bench's first 5 questions (3 and 2 of them, both turns each) and
+    rank 0 writes the file, equal to one process's answers; each run id answered its share."""
+    files = {}
+    for k in (1, 2):
+        folder = tmp_path / f"ranks-{k}"
+        manifest = write_manifest(folder, tiny_lm, tiny_rm)
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "selm_data.cli", "eval", "--iter", "0", "--prompts",
+             "mt_bench", "--limit", "5", "--manifest", str(manifest)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=child_env(folder, **({} if k == 1 else {
+                "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                "TORCHELASTIC_RUN_ID": "eval-launch"})))
+            for r in range(k)]
+        out = "".join(finish(procs))
+        assert out.count("wrote ") == 2, out  # the answer file and its lineage file, once
+        answer_file = folder / "store" / "evals" / "mt_bench" / "model_answer" / "test-base.jsonl"
+        files[k] = [{key: v for key, v in json.loads(line).items() if key != "tstamp"}
+                    for line in answer_file.read_text().splitlines()]
+        answers = open_store(folder / "store").scan("eval_answers").collect()
+        assert answers.height == 10
+        if k == 2:
+            assert "[rank 1/2] shard 1-of-2 done: 2 questions" in out, out
+            assert sorted(answers.group_by("run_id").len()["len"].to_list()) == [4, 6]
+    assert files[2] == files[1] and len(files[1]) == 5
 
 
 @pytest.mark.parametrize("args", [["--local_rank=3", "build", "--iter", "1"],
