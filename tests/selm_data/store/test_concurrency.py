@@ -204,11 +204,11 @@ def test_rows_already_stored_need_no_table_lock(store_path):
         same = threading.Thread(target=lambda: results.append(other.append("prompts", rows)))
         same.start()
         same.join(timeout=20)
-        assert not same.is_alive() and results[0].added == 0  # type: ignore[attr-defined]
+        assert not same.is_alive() and results[0].added == 0
         more = threading.Thread(target=lambda: results.append(
             other.append("prompts", chain_rows(1, 4)["prompts"])))
         more.start()
         more.join(timeout=1)
         assert more.is_alive()  # waits for the lock: it has a row to write
     more.join(timeout=20)
-    assert results[1].added == 1  # type: ignore[attr-defined]
+    assert results[1].added == 1
