@@ -495,8 +495,11 @@ def _print_examples(s: Store, iteration: int, k: int = 2) -> None:
     ).collect().row(0, named=True)
     if not stats["n"]:
         return
-    console.print(f"margins: mean {stats['mean']:.3f}, min {stats['min']:.3f}, "
-                  f"max {stats['max']:.3f}", highlight=False)
+    if stats["mean"] is None:  # a dataset's own pairs without score columns (HH-RLHF, ...)
+        console.print("margins: none (the pairs have no scores)", highlight=False)
+    else:
+        console.print(f"margins: mean {stats['mean']:.3f}, min {stats['min']:.3f}, "
+                      f"max {stats['max']:.3f}", highlight=False)
     texts = s.scan("responses").select("response_id", "text")
     prompts = s.scan("prompts").select("prompt_id", "messages")
     examples = (
@@ -508,10 +511,15 @@ def _print_examples(s: Store, iteration: int, k: int = 2) -> None:
     for row in examples.iter_rows(named=True):
         prompt = row["messages"][-1]["content"]
         console.print(f"\n[bold]prompt[/]: {_short(prompt)}")
-        console.print(f"[green]chosen[/] ({row['chosen_origin']}, {row['chosen_score']:.3f}): "
-                      f"{_short(row['chosen'])}", highlight=False)
+        console.print(f"[green]chosen[/] ({row['chosen_origin']}, {_score(row['chosen_score'])}):"
+                      f" {_short(row['chosen'])}", highlight=False)
         console.print(f"[red]rejected[/] ({row['rejected_origin']}, "
-                      f"{row['rejected_score']:.3f}): {_short(row['rejected'])}", highlight=False)
+                      f"{_score(row['rejected_score'])}): {_short(row['rejected'])}",
+                      highlight=False)
+
+
+def _score(value: float | None) -> str:
+    return "no score" if value is None else f"{value:.3f}"
 
 
 def _short(text: str | None, limit: int = 160) -> str:
@@ -723,20 +731,36 @@ def winrates_cmd(
 
 @sources_app.command("check")
 def sources_check(
-    source: Annotated[str, typer.Argument(help="A local jsonl/json/parquet file or a Hub id.")],
+    source: Annotated[str, typer.Argument(help="A local file, folder or glob of jsonl/json/"
+                                          "parquet files (jsonl/json also .gz, .bz2, .xz, "
+                                          ".zst), or a Hub id.")],
     split: Annotated[str, typer.Option(help="Split to read.")] = "train",
     revision: Annotated[str | None, typer.Option(help="Hub revision (commit or tag).")] = None,
+    config: Annotated[str | None, typer.Option(help="Hub config name (as source.config).")
+                      ] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="A folder of the Hub repo, e.g. harmless-base (as source.data_dir).")] = None,
+    data_files: Annotated[list[str] | None, typer.Option(
+        help="Files of the Hub repo, a pattern (as source.data_files); repeatable.")] = None,
     layout: Annotated[
         str, typer.Option(help=f"auto, or one of {', '.join(LAYOUTS)}.")
     ] = "auto",
     limit: Annotated[int | None, typer.Option(help="Read only the first N rows.")] = None,
 ) -> None:
-    """Detect a dataset's layout; count usable, duplicate and quarantined rows. Builds nothing."""
-    where = {"path": source} if Path(source).exists() else {"hub": source}
+    """Detect a dataset's layout; count usable, duplicate and quarantined rows. Builds nothing.
+    SOURCE is read as source.path when it names local files and no Hub option is given, else
+    as source.hub (a local folder laid out as a Hub repo works too)."""
+    hub_options = {"revision": revision, "config": config, "data_dir": data_dir,
+                   "data_files": data_files}
+    local = Path(source).exists() or any(ch in source for ch in "*?[")
+    if local and not any(v is not None for v in hub_options.values()):
+        where: dict[str, object] = {"path": source}
+    else:
+        where = {"hub": source, **hub_options}
     try:
         # model_validate: `layout` is the user's text, checked against the Literal here
         spec = SourceSpec.model_validate(
-            {**where, "split": split, "revision": revision, "layout": layout, "limit": limit})
+            {**where, "split": split, "layout": layout, "limit": limit})
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise SelmError(f"invalid source options: {e}") from e
     loaded = load_source(spec)
