@@ -168,6 +168,9 @@ def _question(path: Path, i: int, record: dict[str, Any], layout: Layout) -> Que
         turns, qid, category = [record["instruction"]], record.get("id", i), record.get("dataset")
     if not isinstance(qid, int | str) or isinstance(qid, bool):
         raise SelmError(f"{path}, record {i}: the question id must be an integer or a string")
+    if layout == "mt_bench" and not isinstance(turns, list):  # a string would be its letters
+        raise SelmError(f"{path}, record {i}: `turns` must be a list of strings, not "
+                        f"{type(turns).__name__}")
     if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise SelmError(f"{path}, record {i}: every turn must be a non-empty string")
     return Question(qid, tuple(turns), None if category is None else str(category))

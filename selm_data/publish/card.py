@@ -116,6 +116,15 @@ def _table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _margin_section(margin: dict[str, float | None]) -> list[str]:
+    """The margins' quantiles; a dataset's own pairs without score columns have none."""
+    if all(v is None for v in margin.values()):
+        return ["Margin: none, the pairs have no scores (the source dataset has no score "
+                "columns, so its pairs were kept as they are).\n"]
+    return ["Margin (chosen minus rejected score):\n",
+            _table(list(margin), [[_num(v) for v in margin.values()]]) + "\n"]
+
+
 def _num(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
@@ -155,8 +164,7 @@ def render_card(lineage: Lineage, *, repo_id: str | None = None) -> str:
             *((f"chosen from {k}", n) for k, n in s.chosen_origins.items()),
             *((f"rejected from {k}", n) for k, n in s.rejected_origins.items()),
         ]) + "\n",
-        "Margin (chosen minus rejected score):\n",
-        _table(list(s.margin), [[_num(v) for v in s.margin.values()]]) + "\n",
+        *_margin_section(s.margin),
         *_policy_statistics_section(lineage.policy_pair),
         "## Lineage\n",
         *_lineage_section(lineage),

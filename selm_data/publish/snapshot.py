@@ -96,6 +96,24 @@ class Snapshot:
     policy_pair: bool = False  # rows carry SAIL's policy pair (POLICY_COLUMNS)
 
 
+def _filtered_out(store: Store, iteration: int, filters: Filters) -> str:
+    """Why the filters kept nothing: how many pairs are ties and how many have no margin."""
+    counts = (store.scan("pairs").filter((pl.col("iteration") == iteration)
+                                         & (pl.col("rule") != POLICY_RULE))
+              .select(pl.len().alias("pairs"), pl.col("is_tie").sum().alias("ties"),
+                      pl.col("margin").is_null().sum().alias("unscored"),
+                      pl.col("margin").max().alias("largest"))
+              .collect().row(0, named=True))
+    top = counts["largest"]
+    largest = "" if top is None else f", the largest margin is {top:.4g}"
+    flags = " ".join(f for f, on in (("--drop-ties", filters.drop_ties),
+                                     (f"--min-margin {filters.min_margin}",
+                                      filters.min_margin is not None)) if on)
+    return (f"no pair of iteration {iteration} passes {flags}: of its {counts['pairs']} pairs, "
+            f"{counts['ties']} are ties, {counts['unscored']} have no score (a dataset without "
+            f"score columns){largest}; export without those options or loosen them")
+
+
 def export(store: Store, iteration: int, *, name: str | None = None,
            filters: Filters = Filters(), layout: Layout = "ultrafeedback") -> Snapshot:
     """Export iteration `iteration`'s pairs as a snapshot (see the module docstring).
@@ -112,7 +130,7 @@ def export(store: Store, iteration: int, *, name: str | None = None,
     versions = {t: store.version(t) for t in READS}
     table = snapshot_table(store, iteration, versions, filters, layout)
     if table.num_rows == 0 and filters != Filters():
-        raise SelmError(f"no pair of iteration {iteration} passes the filters {filters}")
+        raise SelmError(_filtered_out(store, iteration, filters))
     if table.num_rows == 0:
         raise SelmError(f"iteration {iteration} has no pairs; build them first: "
                         f"`selm-data build --iter {iteration}`")

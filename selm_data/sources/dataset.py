@@ -334,7 +334,9 @@ def _sharegpt(row: Mapping[str, Any]) -> Parsed:
     if not isinstance(turns, list) or not all(isinstance(t, Mapping) for t in turns):
         raise _Reject("wrong type: conversations", "expected a list of {from, value} turns")
     for t in turns:
-        if t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str):
+        role = t.get("from")  # any JSON value: a list or an object is not hashable
+        if not isinstance(role, str) or role not in SHAREGPT_ROLES \
+                or not isinstance(t.get("value"), str):
             raise _Reject("wrong type: conversations", f"turn {dict(t)!r}")
     messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
     return messages, _sharegpt_answer(row.get("chosen"), "chosen"), _sharegpt_answer(

@@ -96,7 +96,7 @@ def test_filters_and_empty_results(built, tmp_path):
     assert len({no_ties.content_hash, wide.content_hash}) == 2
     row = store.scan("snapshots").filter(pl.col("name") == wide.name).collect()
     assert json.loads(row["filters"][0]) == {"drop_ties": True, "min_margin": 1.5}
-    with pytest.raises(SelmError, match="passes the filters"):
+    with pytest.raises(SelmError, match=r"passes --min-margin 99: of its 7 pairs, 1 are ties"):
         export(store, 2, filters=Filters(min_margin=99))
     with pytest.raises(SelmError, match=r"no pairs; build them first: `selm-data build --iter 3`"):
         export(store, 3)
