@@ -95,6 +95,15 @@ def status(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         tables.add_row(name, str(s.version(name)), str(rows))
     console.print(tables)
     console.print(_iterations_table(s))
+    snapshots = (s.scan("snapshots").sort("created_at")
+                 .select("name", "iteration", "row_count", "created_at").collect())
+    if snapshots.height:
+        listed = Table(title=f"snapshots (train on one: selm-train train --snapshot {s.uri}@NAME)")
+        for col in ("name", "iteration", "pairs", "created"):
+            listed.add_column(col)
+        for name, it, rows, created in snapshots.iter_rows():
+            listed.add_row(name, str(it), str(rows), created.strftime("%Y-%m-%d %H:%M:%S"))
+        console.print(listed)
     shards = shard_progress(s)
     if shards.height:
         progress = Table(title="build shards (leases and progress)")

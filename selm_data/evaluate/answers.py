@@ -47,7 +47,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import ValidationError
 
-from selm_data.builder.iteration import checkpoint_path
+from selm_data.builder.iteration import checkpoint_path, train_hint
 from selm_data.errors import SelmError
 from selm_data.generation.backends import (
     GenerationRequest,
@@ -205,9 +205,8 @@ def eval_policy(store: Store, manifest: Manifest, *, iteration: int | None = Non
         path = checkpoint_path(store, iteration)
         if path is None:
             raise SelmError(
-                f"the store has no checkpoint for iteration {iteration}: train it "
-                f"(`selm-train train --iter {iteration}` or `selm-train loop`), or evaluate a "
-                "folder with --policy PATH")
+                f"the store has no checkpoint for iteration {iteration}: train it with "
+                f"{train_hint(store, iteration)}, or evaluate a folder with --policy PATH")
         model = resolve_policy(path)
     else:
         assert policy is not None
