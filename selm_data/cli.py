@@ -24,7 +24,7 @@ from selm_data.builder.ranks import build_rank, merge, shard_for, shard_progress
 from selm_data.errors import SelmError
 from selm_data.generation.launcher import Launch, bind_gpus, detect, without_local_rank
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
-from selm_data.publish.snapshot import POLICY_RULE, Filters, export
+from selm_data.publish.snapshot import DEFAULT_LAYOUT, POLICY_RULE, Filters, export, readers
 from selm_data.sources.dataset import LAYOUTS, load_source
 from selm_data.store import maintenance
 from selm_data.store.schema import TABLES
@@ -263,8 +263,9 @@ def export_cmd(
     min_margin: Annotated[float | None, typer.Option(
         help="Keep pairs whose score margin is at least this.")] = None,
     layout: Annotated[str, typer.Option(
-        help="ultrafeedback (the Hub's UltraFeedback-binarized columns; alignment-handbook) "
-        "or trl (TRL's DPOTrainer).")] = "ultrafeedback",
+        help="trl (TRL's DPOTrainer reads it; the default) or ultrafeedback (the Hub's "
+        "UltraFeedback-binarized columns, for alignment-handbook recipes). selm-train reads "
+        "both.")] = DEFAULT_LAYOUT,
 ) -> None:
     """Freeze an iteration's pairs as an immutable snapshot that datasets, polars and
     selm-train read."""
@@ -273,12 +274,14 @@ def export_cmd(
                   layout=layout)  # type: ignore[arg-type]  # export checks it
     verb = "exported" if snap.created else "unchanged: already exported as"
     policy = " (each with SAIL's policy pair)" if snap.policy_pair else ""
-    console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs{policy}, content hash "
-                  f"{snap.content_hash[:12]}, {snap.path}", highlight=False, soft_wrap=True)
-    data = f"{snap.path}/data/*.parquet"
-    console.print(f'load it: datasets.load_dataset("parquet", data_files="{data}", '
-                  f'split="train")  or  pl.read_parquet("{data}")', highlight=False,
-                  soft_wrap=True)
+    console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs{policy}, layout "
+                  f"{snap.layout}, content hash {snap.content_hash[:12]}, {snap.path}",
+                  highlight=False, soft_wrap=True)
+    console.print("read it with:", highlight=False)
+    for reader in readers(snap, s.uri):
+        mark = "" if reader.reads else "[yellow]not this layout:[/] "
+        console.print(f"  {reader.name:<20} {mark}{escape(reader.line)}", highlight=False,
+                      soft_wrap=True)
 
 
 @app.command("push")
