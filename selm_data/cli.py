@@ -16,7 +16,15 @@ import polars as pl
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from selm_data.builder.iteration import BuildReport, build
@@ -57,6 +65,21 @@ StoreOpt = Annotated[  # str, not Path: Path("s3://b/x") is the local folder "s3
     typer.Option("--store", "-s", help="Store folder or URI (s3://bucket/path, gs://, az://). "
                  "Default: the manifest's `store`."),
 ]
+
+class _Rate(ProgressColumn):
+    """Items a second, for the bars of build and eval (rich's own speed column counts bytes)."""
+
+    def render(self, task: Task) -> str:
+        return "" if task.speed is None else f"{task.speed:.2f}/s"
+
+
+def _progress() -> Progress:
+    """A bar with count, rate, elapsed time and ETA. rich draws it live on a terminal only;
+    in a log it leaves the final state once."""
+    return Progress("[progress.description]{task.description}", BarColumn(),
+                    MofNCompleteColumn(), _Rate(), TimeElapsedColumn(), "eta",
+                    TimeRemainingColumn(), console=console)
+
 
 def _resolve(store: str | None, manifest: Path | None) -> tuple[str, Manifest | None]:
     """The store to use, and the manifest when one was given or found."""
@@ -456,8 +479,7 @@ def _lines(say: Callable[[str], None], iteration: int) -> Callable[[str, int, in
 
 @contextmanager
 def _bar(title: str) -> Iterator[Callable[[str, int, int], None]]:
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+    with _progress() as bar:
         task = bar.add_task(title, total=None)
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -602,8 +624,7 @@ def eval_cmd(
     target = eval_policy(s, loaded, iteration=iteration, policy=policy)
     name = name or default_name(loaded, target)
     check_name(name)
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+    with _progress() as bar:
         task = bar.add_task(f"{target.label} on {prompt_set.name}", total=None)
         report = evaluate(s, loaded, target, prompt_set, limit=limit, max_tokens=max_tokens,
                           backend=backend,

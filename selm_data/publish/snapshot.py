@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 
 from selm_data.errors import SelmError
 from selm_data.store.maintenance import pin_checkpoints
+from selm_data.store.progress import steps
 from selm_data.store.schema import MESSAGES, canonical_json
 from selm_data.store.store import Store, package_version
 
@@ -384,11 +385,14 @@ def _write_files(table: pa.Table, folder: Path) -> list[str]:
     (folder / "data").mkdir()
     n = max(1, -(-table.num_rows // ROWS_PER_FILE))
     files = []
-    for i in range(n):
-        rel = f"data/train-{i:05d}-of-{n:05d}.parquet"
-        part = table.slice(i * ROWS_PER_FILE, ROWS_PER_FILE)
-        pq.write_table(part, folder / rel, compression="zstd", row_group_size=ROWS_PER_FILE)
-        files.append(rel)
+    with steps("export: writing shards", table.num_rows, unit="pairs") as bar:
+        for i in range(n):
+            rel = f"data/train-{i:05d}-of-{n:05d}.parquet"
+            part = table.slice(i * ROWS_PER_FILE, ROWS_PER_FILE)
+            pq.write_table(part, folder / rel, compression="zstd",
+                           row_group_size=ROWS_PER_FILE)
+            files.append(rel)
+            bar.update(part.num_rows)
     return files
 
 
