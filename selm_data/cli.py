@@ -666,9 +666,16 @@ def eval_cmd(
         console.print(f"judge it: alpaca_eval --model_outputs {files[0]}  (needs OPENAI_API_KEY)",
                       highlight=False, soft_wrap=True)
     elif files:
-        console.print(f"judge it: copy {files[0]} into FastChat's fastchat/llm_judge/data/"
-                      f"mt_bench/model_answer/, then python gen_judgment.py --model-list "
-                      f"{files[0].stem}", highlight=False, soft_wrap=True)
+        console.print(f"judge it with FastChat (OPENAI_API_KEY): its gen_judgment.py reads "
+                      f"data/mt_bench/model_answer/{files[0].name} relative to where it runs: "
+                      "in a source checkout, copy the file into fastchat/llm_judge/data/"
+                      "mt_bench/model_answer/ and run python gen_judgment.py --model-list "
+                      f"{files[0].stem} there; with pip install 'fschat[llm_judge]', eval with "
+                      "--out data and run python -m fastchat.llm_judge.gen_judgment "
+                      f"--model-list {files[0].stem} beside data/ (it also needs FastChat's "
+                      "data/judge_prompts.jsonl and data/mt_bench/question.jsonl and "
+                      "reference_answer/gpt-4.jsonl: see docs/evaluation.md)",
+                      highlight=False, soft_wrap=True)
 
 
 def _policies(s: Store, loaded: Manifest, iters: str | None,

@@ -229,3 +229,18 @@ def test_hub_options_are_for_hub_sources() -> None:
                        ("data_files", ["a.jsonl"])):
         with pytest.raises(ValueError, match=f"{key} applies to a Hub dataset"):
             SourceSpec.model_validate({"path": "x.jsonl", key: value})
+
+
+def test_the_manifest_page_examples_validate() -> None:
+    """docs/manifests.md's source examples are manifests' `source` sections as they stand."""
+    import re
+
+    import yaml
+
+    page = (Path(__file__).resolve().parents[3] / "docs" / "manifests.md").read_text("utf-8")
+    blocks = re.findall(r"^```yaml\n(.*?)^```", page, re.S | re.M)
+    sources = [yaml.safe_load(b)["source"] for b in blocks if b.lstrip().startswith("source:")]
+    assert len(sources) == 3
+    for source in sources:
+        SourceSpec.model_validate(source)
+    assert {s.get("data_dir") for s in sources} >= {"harmless-base"}
