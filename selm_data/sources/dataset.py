@@ -166,7 +166,9 @@ def hub_source(spec: SourceSpec) -> tuple[str, str, dict[str, Any]]:
         data_files = {spec.split: data_files}
     options = {"revision": spec.revision, "name": spec.config, "data_dir": spec.data_dir,
                "data_files": data_files}
-    return label, spec.hub, {k: v for k, v in options.items() if v is not None}
+    # A local folder by its absolute path: datasets cannot name a dataset after "."
+    where = str(Path(spec.hub).resolve()) if Path(spec.hub).is_dir() else spec.hub
+    return label, where, {k: v for k, v in options.items() if v is not None}
 
 
 def builder_of(path: Path) -> str | None:

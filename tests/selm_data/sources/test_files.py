@@ -244,3 +244,22 @@ def test_the_manifest_page_examples_validate() -> None:
     for source in sources:
         SourceSpec.model_validate(source)
     assert {s.get("data_dir") for s in sources} >= {"harmless-base"}
+
+
+def test_sources_check_takes_them_too(hh_repo: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """As a new user tries it: the file HH-RLHF ships, then the repo's folder by --data-dir."""
+    from cli_inprocess import selm_data
+
+    def check(*args: str) -> str:
+        result = selm_data(["sources", "check", *args], cwd=hh_repo, monkeypatch=monkeypatch,
+                           capsys=capsys)
+        assert result.code == 0, result.err
+        cells = {line.split("│")[1].strip(): line.split("│")[2].strip()
+                 for line in result.out.splitlines() if line.count("│") == 3}
+        return f"{cells['layout']} {cells['rows read']} {cells['usable examples']}"
+
+    assert check("harmless-base/test.jsonl.gz") == "hh 7 2"
+    assert check(".", "--data-dir", "harmless-base", "--split", "test") == "hh 7 2"
+    assert check(".", "--data-dir", "helpful-base") == "hh 1 1"
+    assert check("harmless-base") == "hh 14 2"  # a folder: train and test shards together
