@@ -35,6 +35,7 @@ from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifes
 from selm_data.publish.snapshot import DEFAULT_LAYOUT, POLICY_RULE, Filters, export, readers
 from selm_data.sources.dataset import LAYOUTS, load_source
 from selm_data.store import maintenance
+from selm_data.store.progress import quiet_libraries
 from selm_data.store.schema import TABLES
 from selm_data.store.store import RunInfo, Store, command_line, open_store
 from selm_data.verify import verify
@@ -819,6 +820,7 @@ def sources_check(
 
 
 def main() -> None:
+    quiet_libraries()  # before anything imports huggingface_hub
     sys.argv[1:] = without_local_rank(sys.argv[1:])
     try:
         app()

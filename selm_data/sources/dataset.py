@@ -27,7 +27,6 @@ from typing import Any, Literal, get_args
 
 from selm_data.errors import SelmError
 from selm_data.manifest import BUNDLED_DATA, SourceSpec
-from selm_data.store.progress import interactive
 from selm_data.store.schema import canonical_json
 
 Layout = Literal["ultrafeedback", "flat", "conversation", "sharegpt", "hh"]
@@ -136,8 +135,6 @@ def _load(spec: SourceSpec) -> tuple[str, Any]:
         import datasets  # an optional extra: only loading a source needs it
     except ImportError as e:
         raise SelmError("loading a source needs `datasets`: pip install 'selm[hub]'") from e
-    if not interactive():  # its "Generating train split" bars are debris in a log
-        datasets.disable_progress_bars()
     if spec.hub is not None:
         source, builder, options = hub_source(spec)
         hint = ("check the id, config, data_dir, data_files, split and revision, and that the "

@@ -10,6 +10,8 @@ stderr: stdout stays for results (`selm-train train --json-log` prints JSON line
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +26,14 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def quiet_libraries() -> None:
+    """In a log, turn off the bars of huggingface_hub, and so of transformers and datasets that
+    draw theirs through it ("Loading weights", "Generating train split"). Call it before they
+    are imported: they read HF_HUB_DISABLE_PROGRESS_BARS once; a value the user set stays."""
+    if not interactive():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 class Steps:
     """Counts the units of one step; a tqdm bar on a terminal, one closing line in a log."""
 
@@ -35,9 +45,11 @@ class Steps:
         if show and interactive():
             from tqdm import tqdm
 
+            # A pty that reports no width (0 columns) would get an empty bar: 80 columns then.
+            sized = shutil.get_terminal_size((0, 0)).columns > 0
             self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B",
-                             unit_divisor=1024 if unit == "B" else 1000, dynamic_ncols=True,
-                             mininterval=0.5, file=sys.stderr)
+                             unit_divisor=1024 if unit == "B" else 1000, dynamic_ncols=sized,
+                             ncols=None if sized else 80, mininterval=0.5, file=sys.stderr)
 
     def update(self, n: int = 1) -> None:
         self.done += n

@@ -3,6 +3,8 @@ log, nothing from the other ranks, and nothing on stdout."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from selm_data.store import progress
@@ -54,3 +56,15 @@ def test_bytes_are_counted_in_mib(monkeypatch: pytest.MonkeyPatch,
     with steps("push: 3 files", 3 * 2**20, unit="B") as bar:
         bar.update(3 * 2**20)
     assert capsys.readouterr().err.startswith("push: 3 files: 3.0 MiB in ")
+
+
+def test_library_bars_are_off_in_a_log_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' "Loading weights" and datasets' split bars go through huggingface_hub."""
+    for terminal, user, expected in ((False, None, "1"), (True, None, None), (False, "0", "0")):
+        if user is None:
+            monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+        else:
+            monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", user)
+        monkeypatch.setattr(progress, "interactive", lambda t=terminal: t)
+        progress.quiet_libraries()
+        assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == expected
