@@ -148,6 +148,7 @@ class Lineage:
     manifests: list[ManifestUse]
     statistics: Statistics
     policy_pair: PolicyPairStatistics | None  # None: no SAIL policy pair in the snapshot
+    layout: str  # the snapshot's columns: ultrafeedback or trl (see snapshot.py)
     license: str
     exported_with: str  # selm version that wrote the snapshot
     card_by: str  # selm version that wrote the card
@@ -196,6 +197,7 @@ def snapshot_lineage(store: Store, name: str, *, license: str | None = None) -> 
         content_hash=row["content_hash"],
         files=list(meta["files"]),
         columns=list(meta.get("columns", [])),
+        layout=meta.get("layout", "ultrafeedback"),  # snapshots before layouts: ultrafeedback
         table_versions=versions,
         filters=json.loads(row["filters"] or "{}"),
         rules=sorted({*pairs["rule"].unique().to_list(),

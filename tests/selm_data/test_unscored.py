@@ -64,6 +64,8 @@ def test_pairs_without_scores(tmp_path: Path, run) -> None:
     run("push", name, "--dry-run", str(tmp_path / "repo"))
     card = (tmp_path / "repo" / "README.md").read_text(encoding="utf-8")
     assert "no scores" in card
+    # the default export's card describes the trl layout's columns, not UltraFeedback's
+    assert "Layout `trl`" in card and "| `prompt` | the prompt turns (messages)" in card
 
 
 def test_an_iteration_of_ties_only(tmp_path: Path, run) -> None:
