@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -28,7 +29,16 @@ from rich.progress import (
 from rich.table import Table
 
 from selm_data.builder.iteration import BuildReport, build
-from selm_data.builder.ranks import build_rank, merge, shard_for, shard_progress, wait_for_ranks
+from selm_data.builder.ranks import (
+    ShardRecord,
+    build_rank,
+    merge,
+    run_rank,
+    shard_for,
+    shard_progress,
+    wait_for_job,
+    wait_for_ranks,
+)
 from selm_data.errors import SelmError
 from selm_data.generation.launcher import Launch, bind_gpus, detect, without_local_rank
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
@@ -41,7 +51,7 @@ from selm_data.store.store import RunInfo, Store, command_line, open_store
 from selm_data.verify import verify
 
 if TYPE_CHECKING:
-    from selm_data.evaluate.answers import EvalPolicy
+    from selm_data.evaluate.answers import EvalPolicy, EvalReport
 
 app = typer.Typer(
     help="Build, inspect and check the preference data of online iterative alignment.",
@@ -133,8 +143,8 @@ def status(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         progress = Table(title="build shards (leases and progress)")
         for col in shards.columns:
             progress.add_column(col, justify="right" if shards[col].dtype.is_integer() else "left")
-        for row in shards.iter_rows():
-            progress.add_row(*(str(v) for v in row))
+        for row in shards.iter_rows():  # None: the shard's source cannot be read here
+            progress.add_row(*("?" if v is None else str(v) for v in row))
         console.print(progress)
     held = [(h, st) for h, st in s.leases() if not h.work.startswith("build/")]
     if held:
@@ -428,7 +438,7 @@ def build_cmd(
     loaded = load_manifest(find_manifest(manifest))  # build needs the recipe, even with --store
     launch = detect()
     mine = shard_for(shard, launch)
-    bind_gpus(launch, _gpus_per_rank(loaded))
+    bind_gpus(launch, loaded.generation.gpus_per_rank())
     path = store or loaded.store
     s = open_store(path, create=True, run=_run_info(loaded))
 
@@ -459,12 +469,6 @@ def build_cmd(
                         + ". The other shards are built; rerun the same command to finish")
 
 
-def _gpus_per_rank(manifest: Manifest) -> int:
-    """A rank's GPUs: the policy's tensor-parallel block under vLLM, else one."""
-    g = manifest.generation
-    return g.vllm.tensor_parallel_size if g.backend == "vllm" else 1
-
-
 def _say(launch: Launch) -> Callable[[str], None]:
     return lambda text: console.print(f"{launch.prefix()} {text}", highlight=False,
                                       soft_wrap=True, markup=False)
@@ -476,6 +480,23 @@ def _lines(say: Callable[[str], None], iteration: int) -> Callable[[str, int, in
         phase = {"responses": "generating", "prompts": "ranking"}.get(stage, stage)
         say(f"iteration {iteration}: {phase} {done}/{total}")
     return progress
+
+
+def _eval_summary(report: EvalReport) -> dict:
+    """What a rank's eval record keeps: its counts and failures."""
+    return {"questions": report.questions, "already": report.already,
+            "generated": report.generated, "failed": report.failed,
+            "complete": report.complete}
+
+
+def _merged_eval(mine: EvalReport, records: list[ShardRecord], questions: int) -> EvalReport:
+    """Every rank's counts in one report (the shards' questions are disjoint)."""
+    parts = [r.report for r in records if r.report is not None]
+    return replace(
+        mine, questions=questions, already=sum(p["already"] for p in parts),
+        generated=sum(p["generated"] for p in parts),
+        failed=[tuple(f) for p in parts for f in p["failed"]],
+        complete=sum(p["complete"] for p in parts))
 
 
 @contextmanager
@@ -605,33 +626,55 @@ def eval_cmd(
     """Generate a policy's answers to AlpacaEval, MT-Bench or a prompt file (greedy), store
     them with their lineage, and write them as AlpacaEval's model_outputs.json or FastChat's
     answer jsonl for the official judges. Rerun to resume: stored answers are kept. Under a
-    launcher (torchrun, srun, mpirun) rank 0 answers on its GPU and the other ranks exit."""
+    launcher (torchrun, srun, mpirun) each rank answers every k-th question on its GPU and
+    rank 0 writes the files once every rank is done."""
     from selm_data.evaluate.answers import (
         check_name,
         default_name,
         eval_policy,
+        eval_work,
         evaluate,
         load_prompt_set,
         write_answer_files,
     )
 
     launch = detect()
-    if launch.rank != 0:  # an evaluation set (805 or 80 questions) is one GPU's work
-        _say(launch)("eval runs on rank 0 only; this rank has nothing to do")
-        return
     loaded, s = _loaded(manifest, store, create=True)  # adds the eval tables to older stores
-    bind_gpus(launch, _gpus_per_rank(loaded))
+    bind_gpus(launch, loaded.generation.gpus_per_rank())
     prompt_set = load_prompt_set(prompts)
     target = eval_policy(s, loaded, iteration=iteration, policy=policy)
     name = name or default_name(loaded, target)
     check_name(name)
-    with _progress() as bar:
-        task = bar.add_task(f"{target.label} on {prompt_set.name}", total=None)
-        report = evaluate(s, loaded, target, prompt_set, limit=limit, max_tokens=max_tokens,
-                          backend=backend,
-                          progress=lambda stage, done, total: bar.update(
-                              task, completed=done, total=total,
-                              description=f"{target.label} on {prompt_set.name}: {stage}"))
+    mine = shard_for(None, launch)
+
+    def run(progress: Callable[[str, int, int], None]) -> EvalReport:
+        return evaluate(s, loaded, target, prompt_set, limit=limit, max_tokens=max_tokens,
+                        backend=backend, progress=progress, shard=mine)
+
+    title = f"{target.label} on {prompt_set.name}"
+    if not launch.launched or launch.world == 1:
+        with _bar(title) as progress:
+            report = run(progress)
+    else:
+        say, job = _say(launch), eval_work(prompt_set, target)
+        if launch.rank == 0:  # only rank 0 draws a bar; the others write lines
+            with _bar(f"{escape(launch.prefix())} {title}") as progress:
+                report = run_rank(s, job, mine, launch, lambda: run(progress), _eval_summary)
+        else:
+            report = run_rank(s, job, mine, launch, lambda: run(
+                lambda stage, done, total: say(f"{title}: {stage} {done}/{total}")),
+                _eval_summary)
+        say(f"shard {mine} done: {report.questions} questions, {report.generated} answers "
+            f"generated, {len(report.failed)} failed")
+        if launch.rank != 0:
+            return
+        records = wait_for_job(s, job, launch, say=say)
+        report = _merged_eval(report, records, len(prompt_set.questions[:limit]))
+        if any(r.error is not None for r in records):
+            raise SelmError("; ".join(f"shard {r.shard} (rank {r.rank}, host {r.host}): "
+                                      f"{r.error}" for r in records if r.error is not None)
+                            + ". The other shards' answers are stored; rerun the same command "
+                            "to answer the rest and write the files")
     files = []
     if report.complete:
         # the judges read local files: beside a local store, else ./evals here

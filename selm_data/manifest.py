@@ -148,6 +148,10 @@ class GenerationSpec(_Spec):
             raise ValueError("top_k is -1 (off) or a positive number")
         return self
 
+    def gpus_per_rank(self) -> int:
+        """A build rank's GPUs: the policy's tensor-parallel block under vLLM, else one."""
+        return self.vllm.tensor_parallel_size if self.backend == "vllm" else 1
+
 
 class RankerSpec(_Spec):
     # demo: the bundled offline ranker (a Bradley-Terry head over MiniLM sentence embeddings,

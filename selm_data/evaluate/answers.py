@@ -47,7 +47,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import ValidationError
 
-from selm_data.builder.iteration import checkpoint_path, train_hint
+from selm_data.builder.iteration import Shard, checkpoint_path, train_hint
 from selm_data.errors import SelmError
 from selm_data.generation.backends import (
     GenerationRequest,
@@ -320,25 +320,32 @@ class EvalReport:
     files: list[Path] = field(default_factory=list)
 
 
+def eval_work(prompt_set: PromptSet, policy: EvalPolicy) -> str:
+    """The lease (and, under a launcher, the rank records' job) of one policy on one set."""
+    return f"eval/{prompt_set.name}-{prompt_set.hash[:12]}/{policy.model.fingerprint[:12]}"
+
+
 def evaluate(store: Store, manifest: Manifest, policy: EvalPolicy, prompt_set: PromptSet, *,
              limit: int | None = None, max_tokens: int | None = None,
              backend: str | None = None, generator: Generator | None = None,
-             progress: Progress | None = None) -> EvalReport:
+             progress: Progress | None = None, shard: Shard | None = None) -> EvalReport:
     """Generate and store the answers of `policy` to the first `limit` questions of
     `prompt_set` that the store lacks, turn by turn: each turn of all questions is one stream
     of the engine (turn 2 needs turn 1's answers), `manifest.commit_every` answers a commit
     (the unit a crash can lose). `generator` defaults to the manifest's backend (or
     `backend`) loaded with the policy and freed at the end (engine shut down, GPU memory
-    given back); one passed in is the caller's to reuse and close."""
+    given back); one passed in is the caller's to reuse and close. `shard` i/k answers every
+    k-th question from the i-th (a rank of k under a launcher), with both turns of each."""
     if limit is not None and limit < 1:
         raise SelmError(f"--limit must be at least 1, not {limit}")
-    questions = prompt_set.questions[:limit]
+    shard = shard or Shard(0, 1)
+    questions = shard.take(prompt_set.questions[:limit])
     sampling = eval_sampling(manifest, max_tokens)
     spec = _generation(manifest, backend)
     report = EvalReport(prompt_set, policy, sampling, len(questions))
     progress = progress or (lambda *_: None)
-    work = f"eval/{prompt_set.name}-{prompt_set.hash[:12]}/{policy.model.fingerprint[:12]}"
-    with store.claim(work):
+    work = eval_work(prompt_set, policy)
+    with store.claim(work if shard.count == 1 else f"{work}/shard={shard}"):
         answers = stored_answers(store, prompt_set, policy, sampling, questions)
         report.already = len(answers)
         owned = generator is None
