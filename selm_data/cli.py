@@ -17,7 +17,15 @@ import polars as pl
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from selm_data.builder.iteration import BuildReport, build
@@ -34,9 +42,10 @@ from selm_data.builder.ranks import (
 from selm_data.errors import SelmError
 from selm_data.generation.launcher import Launch, bind_gpus, detect, without_local_rank
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
-from selm_data.publish.snapshot import POLICY_RULE, Filters, export
+from selm_data.publish.snapshot import DEFAULT_LAYOUT, POLICY_RULE, Filters, export, readers
 from selm_data.sources.dataset import LAYOUTS, load_source
 from selm_data.store import maintenance
+from selm_data.store.progress import quiet_libraries
 from selm_data.store.schema import TABLES
 from selm_data.store.store import RunInfo, Store, command_line, open_store
 from selm_data.verify import verify
@@ -67,6 +76,21 @@ StoreOpt = Annotated[  # str, not Path: Path("s3://b/x") is the local folder "s3
     typer.Option("--store", "-s", help="Store folder or URI (s3://bucket/path, gs://, az://). "
                  "Default: the manifest's `store`."),
 ]
+
+class _Rate(ProgressColumn):
+    """Items a second, for the bars of build and eval (rich's own speed column counts bytes)."""
+
+    def render(self, task: Task) -> str:
+        return "" if task.speed is None else f"{task.speed:.2f}/s"
+
+
+def _progress() -> Progress:
+    """A bar with count, rate, elapsed time and ETA. rich draws it live on a terminal only;
+    in a log it leaves the final state once."""
+    return Progress("[progress.description]{task.description}", BarColumn(),
+                    MofNCompleteColumn(), _Rate(), TimeElapsedColumn(), "eta",
+                    TimeRemainingColumn(), console=console)
+
 
 def _resolve(store: str | None, manifest: Path | None) -> tuple[str, Manifest | None]:
     """The store to use, and the manifest when one was given or found."""
@@ -105,6 +129,15 @@ def status(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         tables.add_row(name, str(s.version(name)), str(rows))
     console.print(tables)
     console.print(_iterations_table(s))
+    snapshots = (s.scan("snapshots").sort("created_at")
+                 .select("name", "iteration", "row_count", "created_at").collect())
+    if snapshots.height:
+        listed = Table(title=f"snapshots (train on one: selm-train train --snapshot {s.uri}@NAME)")
+        for col in ("name", "iteration", "pairs", "created"):
+            listed.add_column(col)
+        for name, it, rows, created in snapshots.iter_rows():
+            listed.add_row(name, str(it), str(rows), created.strftime("%Y-%m-%d %H:%M:%S"))
+        console.print(listed)
     shards = shard_progress(s)
     if shards.height:
         progress = Table(title="build shards (leases and progress)")
@@ -264,8 +297,9 @@ def export_cmd(
     min_margin: Annotated[float | None, typer.Option(
         help="Keep pairs whose score margin is at least this.")] = None,
     layout: Annotated[str, typer.Option(
-        help="ultrafeedback (the Hub's UltraFeedback-binarized columns; alignment-handbook) "
-        "or trl (TRL's DPOTrainer).")] = "ultrafeedback",
+        help="trl (TRL's DPOTrainer reads it; the default) or ultrafeedback (the Hub's "
+        "UltraFeedback-binarized columns, for alignment-handbook recipes). selm-train reads "
+        "both.")] = DEFAULT_LAYOUT,
 ) -> None:
     """Freeze an iteration's pairs as an immutable snapshot that datasets, polars and
     selm-train read."""
@@ -274,12 +308,14 @@ def export_cmd(
                   layout=layout)  # type: ignore[arg-type]  # export checks it
     verb = "exported" if snap.created else "unchanged: already exported as"
     policy = " (each with SAIL's policy pair)" if snap.policy_pair else ""
-    console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs{policy}, content hash "
-                  f"{snap.content_hash[:12]}, {snap.path}", highlight=False, soft_wrap=True)
-    data = f"{snap.path}/data/*.parquet"
-    console.print(f'load it: datasets.load_dataset("parquet", data_files="{data}", '
-                  f'split="train")  or  pl.read_parquet("{data}")', highlight=False,
-                  soft_wrap=True)
+    console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs{policy}, layout "
+                  f"{snap.layout}, content hash {snap.content_hash[:12]}, {snap.path}",
+                  highlight=False, soft_wrap=True)
+    console.print("read it with:", highlight=False)
+    for reader in readers(snap, s.uri):
+        mark = "" if reader.reads else "[yellow]not this layout:[/] "
+        console.print(f"  {reader.name:<20} {mark}{escape(reader.line)}", highlight=False,
+                      soft_wrap=True)
 
 
 @app.command("push")
@@ -465,8 +501,7 @@ def _merged_eval(mine: EvalReport, records: list[ShardRecord], questions: int) -
 
 @contextmanager
 def _bar(title: str) -> Iterator[Callable[[str, int, int], None]]:
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+    with _progress() as bar:
         task = bar.add_task(title, total=None)
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -516,8 +551,11 @@ def _print_examples(s: Store, iteration: int, k: int = 2) -> None:
     ).collect().row(0, named=True)
     if not stats["n"]:
         return
-    console.print(f"margins: mean {stats['mean']:.3f}, min {stats['min']:.3f}, "
-                  f"max {stats['max']:.3f}", highlight=False)
+    if stats["mean"] is None:  # a dataset's own pairs without score columns (HH-RLHF, ...)
+        console.print("margins: none (the pairs have no scores)", highlight=False)
+    else:
+        console.print(f"margins: mean {stats['mean']:.3f}, min {stats['min']:.3f}, "
+                      f"max {stats['max']:.3f}", highlight=False)
     texts = s.scan("responses").select("response_id", "text")
     prompts = s.scan("prompts").select("prompt_id", "messages")
     examples = (
@@ -529,10 +567,15 @@ def _print_examples(s: Store, iteration: int, k: int = 2) -> None:
     for row in examples.iter_rows(named=True):
         prompt = row["messages"][-1]["content"]
         console.print(f"\n[bold]prompt[/]: {_short(prompt)}")
-        console.print(f"[green]chosen[/] ({row['chosen_origin']}, {row['chosen_score']:.3f}): "
-                      f"{_short(row['chosen'])}", highlight=False)
+        console.print(f"[green]chosen[/] ({row['chosen_origin']}, {_score(row['chosen_score'])}):"
+                      f" {_short(row['chosen'])}", highlight=False)
         console.print(f"[red]rejected[/] ({row['rejected_origin']}, "
-                      f"{row['rejected_score']:.3f}): {_short(row['rejected'])}", highlight=False)
+                      f"{_score(row['rejected_score'])}): {_short(row['rejected'])}",
+                      highlight=False)
+
+
+def _score(value: float | None) -> str:
+    return "no score" if value is None else f"{value:.3f}"
 
 
 def _short(text: str | None, limit: int = 160) -> str:
@@ -667,9 +710,16 @@ def eval_cmd(
         console.print(f"judge it: alpaca_eval --model_outputs {files[0]}  (needs OPENAI_API_KEY)",
                       highlight=False, soft_wrap=True)
     elif files:
-        console.print(f"judge it: copy {files[0]} into FastChat's fastchat/llm_judge/data/"
-                      f"mt_bench/model_answer/, then python gen_judgment.py --model-list "
-                      f"{files[0].stem}", highlight=False, soft_wrap=True)
+        console.print(f"judge it with FastChat (OPENAI_API_KEY): its gen_judgment.py reads "
+                      f"data/mt_bench/model_answer/{files[0].name} relative to where it runs: "
+                      "in a source checkout, copy the file into fastchat/llm_judge/data/"
+                      "mt_bench/model_answer/ and run python gen_judgment.py --model-list "
+                      f"{files[0].stem} there; with pip install 'fschat[llm_judge]', eval with "
+                      "--out data and run python -m fastchat.llm_judge.gen_judgment "
+                      f"--model-list {files[0].stem} beside data/ (it also needs FastChat's "
+                      "data/judge_prompts.jsonl and data/mt_bench/question.jsonl and "
+                      "reference_answer/gpt-4.jsonl: see docs/evaluation.md)",
+                      highlight=False, soft_wrap=True)
 
 
 def _policies(s: Store, loaded: Manifest, iters: str | None,
@@ -765,20 +815,36 @@ def winrates_cmd(
 
 @sources_app.command("check")
 def sources_check(
-    source: Annotated[str, typer.Argument(help="A local jsonl/json/parquet file or a Hub id.")],
+    source: Annotated[str, typer.Argument(help="A local file, folder or glob of jsonl/json/"
+                                          "parquet files (jsonl/json also .gz, .bz2, .xz, "
+                                          ".zst), or a Hub id.")],
     split: Annotated[str, typer.Option(help="Split to read.")] = "train",
     revision: Annotated[str | None, typer.Option(help="Hub revision (commit or tag).")] = None,
+    config: Annotated[str | None, typer.Option(help="Hub config name (as source.config).")
+                      ] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="A folder of the Hub repo, e.g. harmless-base (as source.data_dir).")] = None,
+    data_files: Annotated[list[str] | None, typer.Option(
+        help="Files of the Hub repo, a pattern (as source.data_files); repeatable.")] = None,
     layout: Annotated[
         str, typer.Option(help=f"auto, or one of {', '.join(LAYOUTS)}.")
     ] = "auto",
     limit: Annotated[int | None, typer.Option(help="Read only the first N rows.")] = None,
 ) -> None:
-    """Detect a dataset's layout; count usable, duplicate and quarantined rows. Builds nothing."""
-    where = {"path": source} if Path(source).exists() else {"hub": source}
+    """Detect a dataset's layout; count usable, duplicate and quarantined rows. Builds nothing.
+    SOURCE is read as source.path when it names local files and no Hub option is given, else
+    as source.hub (a local folder laid out as a Hub repo works too)."""
+    hub_options = {"revision": revision, "config": config, "data_dir": data_dir,
+                   "data_files": data_files}
+    local = Path(source).exists() or any(ch in source for ch in "*?[")
+    if local and not any(v is not None for v in hub_options.values()):
+        where: dict[str, object] = {"path": source}
+    else:
+        where = {"hub": source, **hub_options}
     try:
         # model_validate: `layout` is the user's text, checked against the Literal here
         spec = SourceSpec.model_validate(
-            {**where, "split": split, "revision": revision, "layout": layout, "limit": limit})
+            {**where, "split": split, "layout": layout, "limit": limit})
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise SelmError(f"invalid source options: {e}") from e
     loaded = load_source(spec)
@@ -797,6 +863,7 @@ def sources_check(
 
 
 def main() -> None:
+    quiet_libraries()  # before anything imports huggingface_hub
     sys.argv[1:] = without_local_rank(sys.argv[1:])
     try:
         app()

@@ -177,9 +177,19 @@ def policy_for(store: Store, manifest: Manifest, iteration: int) -> str:
         raise SelmError(
             f"iteration {iteration} generates with the policy trained in iteration "
             f"{iteration - 1}, and the store has no checkpoint for it. Train it with "
-            f"`selm-train --iter {iteration - 1}`, or pass --policy PATH to use another model."
+            f"{train_hint(store, iteration - 1)}, or pass --policy PATH to use another model."
         )
     return path
+
+
+def train_hint(store: Store, iteration: int) -> str:
+    """The command that trains `iteration`: on its latest snapshot when there is one."""
+    snapshots = (store.scan("snapshots").filter(pl.col("iteration") == iteration)
+                 .sort("created_at").select("name").collect())
+    if snapshots.height:
+        return f"`selm-train train --snapshot {store.uri}@{snapshots['name'][-1]}`"
+    return (f"`selm-data export --iter {iteration}` and then `selm-train train --snapshot "
+            f"{store.uri}@NAME` (NAME: the snapshot export prints), or `selm-train loop`")
 
 
 def checkpoint_path(store: Store, iteration: int) -> str | None:

@@ -47,7 +47,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import ValidationError
 
-from selm_data.builder.iteration import Shard, checkpoint_path
+from selm_data.builder.iteration import Shard, checkpoint_path, train_hint
 from selm_data.errors import SelmError
 from selm_data.generation.backends import (
     GenerationRequest,
@@ -168,6 +168,9 @@ def _question(path: Path, i: int, record: dict[str, Any], layout: Layout) -> Que
         turns, qid, category = [record["instruction"]], record.get("id", i), record.get("dataset")
     if not isinstance(qid, int | str) or isinstance(qid, bool):
         raise SelmError(f"{path}, record {i}: the question id must be an integer or a string")
+    if layout == "mt_bench" and not isinstance(turns, list):  # a string would be its letters
+        raise SelmError(f"{path}, record {i}: `turns` must be a list of strings, not "
+                        f"{type(turns).__name__}")
     if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise SelmError(f"{path}, record {i}: every turn must be a non-empty string")
     return Question(qid, tuple(turns), None if category is None else str(category))
@@ -202,9 +205,8 @@ def eval_policy(store: Store, manifest: Manifest, *, iteration: int | None = Non
         path = checkpoint_path(store, iteration)
         if path is None:
             raise SelmError(
-                f"the store has no checkpoint for iteration {iteration}: train it "
-                f"(`selm-train train --iter {iteration}` or `selm-train loop`), or evaluate a "
-                "folder with --policy PATH")
+                f"the store has no checkpoint for iteration {iteration}: train it with "
+                f"{train_hint(store, iteration)}, or evaluate a folder with --policy PATH")
         model = resolve_policy(path)
     else:
         assert policy is not None
