@@ -31,7 +31,7 @@ import polars as pl
 
 from selm_data.errors import SelmError
 from selm_data.manifest import Manifest, TrainSpec, load_manifest
-from selm_data.publish.snapshot import Filters
+from selm_data.publish.snapshot import DEFAULT_LAYOUT, Filters
 from selm_data.store.store import RunInfo, Store, open_store
 from selm_train.checkpoint import LINEAGE_FILE, register_checkpoint
 
@@ -163,7 +163,7 @@ def _latest_snapshot(store: Store, iteration: int) -> tuple[str, str]:
     phase's."""
     rows = (store.scan("snapshots")
             .filter((pl.col("iteration") == iteration)
-                    & (pl.col("format") == "parquet:ultrafeedback")
+                    & (pl.col("format") == f"parquet:{DEFAULT_LAYOUT}")
                     & (pl.col("filters") == Filters().as_json()))
             .sort("created_at").collect())
     if not rows.height:
