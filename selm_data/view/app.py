@@ -1,0 +1,275 @@
+"""The viewer's web app: Starlette routes over `queries`, rendered by Jinja2 templates that ship
+in this package (templates/, static/view.css; no JavaScript, nothing fetched from outside).
+
+Read-only by construction: every route is GET (HEAD), the store is opened without `create`,
+and no route calls anything that appends. Safe by default: it binds 127.0.0.1, answers only
+requests addressed to a loopback name (a web page elsewhere cannot reach it by DNS
+rebinding), and sends a Content-Security-Policy that allows no script at all, behind the
+escaping that already keeps model text from being markup.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import polars as pl
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from selm_data.errors import SelmError
+from selm_data.publish.diff import DIFF_ROWS, change, diff
+from selm_data.publish.plots import plot
+from selm_data.publish.stats import SECTIONS, iteration_stats, quarantine_stats
+from selm_data.store.schema import RESPONSE_ORIGINS
+from selm_data.store.store import Store
+from selm_data.view import queries, render
+
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+HEADERS = {
+    # No script of any kind, styles and images from this server only, forms submit here.
+    "content-security-policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
+                               "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class SecurityHeaders:
+    """Adds HEADERS to every response (pages, PNGs, the stylesheet, errors)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      *((k.encode(), v.encode()) for k, v in HEADERS.items())]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class BadRequest(SelmError):
+    """A query parameter that does not parse (answered 400, not 404)."""
+
+
+class Viewer:
+    """The store and what the pages share: templates and the plot cached per store version."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.env = Environment(loader=PackageLoader("selm_data.view", "templates"),
+                               autoescape=True, undefined=StrictUndefined,
+                               trim_blocks=True, lstrip_blocks=True)
+        self.env.globals.update(
+            markdown=render.markdown, num=render.num, pct=render.pct, short=render.short,
+            shade=render.shade, store_uri=store.uri, origins=RESPONSE_ORIGINS)
+        self._lock = threading.Lock()  # the Store's Delta tables are refreshed in place
+        self._plot: tuple[tuple[int, ...], bytes | None] | None = None
+
+    def page(self, template: str, status: int = 200, **values: Any) -> HTMLResponse:
+        html = self.env.get_template(template).render(**values)
+        return HTMLResponse(html, status_code=status)
+
+    def scores_png(self) -> bytes | None:
+        """`inspect --plot`'s PNG, drawn again only when pairs or judgments changed."""
+        with self._lock:
+            key = (self.store.version("pairs"), self.store.version("judgments"))
+            if self._plot is None or self._plot[0] != key:
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        png: bytes | None = plot(self.store, Path(tmp) / "scores.png").read_bytes()
+                    except SelmError:  # nothing scored yet, or matplotlib missing
+                        png = None
+                self._plot = (key, png)
+            return self._plot[1]
+
+
+Handler = Callable[[Viewer, Request], Response]
+
+
+def _int(request: Request, name: str, default: int | None = None) -> int | None:
+    value = request.query_params.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number, not {value!r}") from None
+
+
+def _float(request: Request, name: str) -> float | None:
+    value = request.query_params.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number, not {value!r}") from None
+
+
+def _link(path: str, params: dict[str, Any]) -> str:
+    kept = {k: v for k, v in params.items() if v not in (None, "", False)}
+    return path + ("?" + urlencode(kept) if kept else "")
+
+
+# --- pages ----------------------------------------------------------------------------------
+
+
+def overview(v: Viewer, request: Request) -> Response:
+    try:
+        stats: pl.DataFrame | None = iteration_stats(v.store)
+    except SelmError:
+        stats = None
+    answers, matrices = queries.win_matrices(v.store)
+    snapshots, checkpoints = queries.snapshots_and_checkpoints(v.store)
+    return v.page("overview.html", title="Overview", stats=stats.to_dicts() if stats is not None
+                  else [], sections=SECTIONS, quarantine=quarantine_stats(v.store).to_dicts(),
+                  answers=answers.to_dicts(), matrices=matrices, snapshots=snapshots,
+                  checkpoints=checkpoints, has_plot=stats is not None)
+
+
+def scores_png(v: Viewer, request: Request) -> Response:
+    png = v.scores_png()
+    if png is None:
+        raise SelmError("no plot: nothing is scored yet, or matplotlib is missing "
+                        "(pip install 'selm[plot]')")
+    return Response(png, media_type="image/png")
+
+
+def pairs(v: Viewer, request: Request) -> Response:
+    iterations, snapshots = queries.sources(v.store)
+    p = request.query_params
+    snapshot = p.get("snapshot") or None
+    iteration = _int(request, "iter")
+    if snapshot is None and iteration is None:
+        if not iterations:
+            raise SelmError("the store holds no pairs yet; build an iteration first: "
+                            "`selm-data build --iter 1`")
+        iteration = iterations[-1]
+    params = {"iter": iteration if snapshot is None else None, "snapshot": snapshot,
+              "ref": p.get("ref", ""), "ties": p.get("ties", ""),
+              "margin_min": p.get("margin_min", ""), "margin_max": p.get("margin_max", ""),
+              "chosen_origin": p.get("chosen_origin", ""),
+              "rejected_origin": p.get("rejected_origin", ""), "q": p.get("q", ""),
+              "sort": p.get("sort", "pair"), "failed": p.get("failed", "")}
+    page = _int(request, "page", 1) or 1
+    common = {"title": "Pairs", "iterations": iterations, "snapshots": snapshots,
+              "params": params, "sorts": queries.SORTS, "ref_roles": queries.REF_ROLES,
+              "link": lambda **changes: _link("/pairs", {**params, **changes})}
+    if params["failed"] and iteration is not None and snapshot is None:
+        rows, total = queries.failed_page(v.store, iteration, page)
+        return v.page("failed.html", rows=rows, total=total, page=page,
+                      pages=max(1, -(-total // queries.PER_PAGE)), **common)
+    q = queries.PairQuery(
+        iteration=None if snapshot else iteration, snapshot=snapshot, ref=params["ref"],
+        ties=params["ties"], margin_min=_float(request, "margin_min"),
+        margin_max=_float(request, "margin_max"), chosen_origin=params["chosen_origin"],
+        rejected_origin=params["rejected_origin"], text=params["q"].strip(),
+        sort=params["sort"], page=page)
+    return v.page("pairs.html", result=queries.pair_page(v.store, q), **common)
+
+
+def pair(v: Viewer, request: Request) -> Response:
+    view = queries.pair_view(v.store, request.path_params["pair_id"])
+    return v.page("pair.html", title=f"Pair {view.pair['pair_id'][:12]}", v=view)
+
+
+def prompt(v: Viewer, request: Request) -> Response:
+    across = queries.prompt_across(v.store, request.path_params["prompt_id"])
+    return v.page("prompt.html", title="Prompt across iterations", p=across)
+
+
+def compare(v: Viewer, request: Request) -> Response:
+    iterations, snapshots = queries.sources(v.store)
+    a, b = request.query_params.get("a", ""), request.query_params.get("b", "")
+    result = diff(v.store, a, b) if a and b else None
+    return v.page("compare.html", title="Compare", iterations=iterations, snapshots=snapshots,
+                  a=a, b=b, d=result, rows=DIFF_ROWS, change=change)
+
+
+def lineage_page(v: Viewer, request: Request) -> Response:
+    from selm_data.publish.lineage import lineage
+
+    node = lineage(v.store, request.path_params["row_id"])
+    return v.page("lineage.html", title=f"Lineage of {node['kind']}", node=node)
+
+
+def _handle(handler: Handler, v: Viewer) -> Callable[[Request], Response]:
+    """A sync endpoint (Starlette runs it in a thread) that turns a user's error into a page."""
+    def endpoint(request: Request) -> Response:
+        try:
+            return handler(v, request)
+        except BadRequest as e:
+            return v.page("error.html", status=400, title="Bad request", message=str(e))
+        except SelmError as e:
+            return v.page("error.html", status=404, title="Not found", message=str(e))
+    return endpoint
+
+
+def make_app(store: Store, *, allowed_hosts: list[str] | None = None) -> Starlette:
+    """The viewer of `store`. `allowed_hosts`: the Host names it answers (default: loopback)."""
+    v = Viewer(store)
+    pages: list[tuple[str, Handler]] = [
+        ("/", overview), ("/plots/scores.png", scores_png), ("/pairs", pairs),
+        ("/pair/{pair_id}", pair), ("/prompt/{prompt_id}", prompt), ("/compare", compare),
+        ("/lineage/{row_id}", lineage_page),
+    ]
+    routes: list[Route | Mount] = [Route(path, _handle(h, v), methods=["GET"])
+                                   for path, h in pages]
+    routes.append(Mount("/static", StaticFiles(packages=[("selm_data.view", "static")]),
+                        name="static"))
+    return Starlette(routes=routes, middleware=[
+        Middleware(SecurityHeaders),
+        Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_NAMES),
+    ])
+
+
+def serve(store: Store, *, host: str = "127.0.0.1", port: int = 8765,
+          say: Callable[[str], None] = print) -> None:
+    """Serve the viewer until interrupted. A host other than loopback is allowed, with a
+    warning: anyone who reaches that address reads the store."""
+    import uvicorn
+
+    if is_loopback(host):
+        allowed = LOOPBACK_NAMES
+    else:
+        say(f"warning: --host {host} serves the store to every machine that can reach this "
+            "address, without a password; the default 127.0.0.1 keeps it on this machine")
+        allowed = ["*"]
+    shown = f"[{host}]" if ":" in host else host
+    say(f"selm-data view: http://{shown}:{port}/ (read-only; Ctrl-C stops it)")
+    uvicorn.run(make_app(store, allowed_hosts=allowed), host=host, port=port,
+                log_level="warning")
+
+
+__all__ = ["HEADERS", "LOOPBACK_NAMES", "is_loopback", "make_app", "serve"]

@@ -1,0 +1,366 @@
+"""What the viewer's pages show, as lazy polars queries over the store.
+
+A page of pairs filters, counts, sorts and slices the pairs' short columns (ids, origins,
+scores, margin, tie) before anything is collected, then reads the texts of the rows shown only.
+A text search is the one query that reads texts in bulk: the iteration's responses and the
+prompts, projected to id and text, matched case-insensitively as a literal (never a regex the
+user wrote). It searches the responses stored under the pair's iteration, where `build` writes
+them. A snapshot is read from its Parquet files the same way (`scan_parquet`, filter, slice).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+import polars as pl
+
+from selm_data.errors import SelmError
+from selm_data.publish.lineage import lineage
+from selm_data.publish.snapshot import local_folder, snapshot_row
+from selm_data.publish.stats import eval_stats
+from selm_data.store.schema import RESPONSE_ORIGINS
+from selm_data.store.store import Store
+
+PER_PAGE = 50
+SNIPPET = 280  # characters of a text shown in a table cell
+# name in the URL: (column, descending)
+SORTS: dict[str, tuple[str, bool]] = {
+    "pair": ("pair_id", False),
+    "margin": ("margin", False), "-margin": ("margin", True),
+    "chosen": ("chosen_score", False), "-chosen": ("chosen_score", True),
+    "rejected": ("rejected_score", False), "-rejected": ("rejected_score", True),
+}
+# Where y_ref ended up: chosen, rejected, neither (between: ranked between the two), or no
+# y_ref at all (`pairs: original`, SAIL).
+REF_ROLES = ("chosen", "rejected", "between", "none")
+TIES = ("only", "none")
+PAIR_COLUMNS = ("pair_id", "prompt_id", "iteration", "rule", "chosen_id", "rejected_id",
+                "ref_id", "chosen_origin", "rejected_origin", "chosen_score", "rejected_score",
+                "margin", "is_tie")
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PairQuery:
+    """One page of the pairs table: the source (an iteration or a snapshot), filters, order."""
+
+    iteration: int | None = None
+    snapshot: str | None = None
+    ref: str = ""  # one of REF_ROLES, or "" for any
+    ties: str = ""  # one of TIES, or ""
+    margin_min: float | None = None
+    margin_max: float | None = None
+    chosen_origin: str = ""
+    rejected_origin: str = ""
+    text: str = ""
+    sort: str = "pair"
+    page: int = 1
+    per_page: int = PER_PAGE
+
+    def __post_init__(self) -> None:
+        choices = {"ref": ("", *REF_ROLES), "ties": ("", *TIES), "sort": tuple(SORTS),
+                   "chosen_origin": ("", *RESPONSE_ORIGINS),
+                   "rejected_origin": ("", *RESPONSE_ORIGINS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise SelmError(f"{name} is one of {', '.join(a or '(any)' for a in allowed)}, "
+                                f"not {getattr(self, name)!r}")
+        if self.page < 1 or not 1 <= self.per_page <= 500:
+            raise SelmError("page starts at 1 and per_page is 1 to 500")
+        if (self.iteration is None) == (self.snapshot is None):
+            raise SelmError("pairs come from one iteration or one snapshot")
+
+    def at(self, page: int) -> PairQuery:
+        return replace(self, page=page)
+
+
+@dataclass(frozen=True)
+class PairPage:
+    rows: list[Row]  # PAIR_COLUMNS and the texts (SNIPPET characters): prompt, chosen, ...
+    total: int  # rows that pass the filters, over all pages
+    query: PairQuery
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.query.per_page))
+
+
+def contains(text: str) -> str:
+    """A case-insensitive regex matching `text` literally."""
+    return "(?i)" + re.escape(text)
+
+
+def pair_filters(q: PairQuery) -> list[pl.Expr]:
+    """The filters of `q` on the pairs' short columns (both sources have them)."""
+    ref, chosen, rejected = pl.col("ref_id"), pl.col("chosen_id"), pl.col("rejected_id")
+    by_ref = {"chosen": ref.is_not_null() & (chosen == ref),
+              "rejected": ref.is_not_null() & (rejected == ref),
+              "between": ref.is_not_null() & (chosen != ref) & (rejected != ref),
+              "none": ref.is_null()}
+    out = []
+    if q.ref:
+        out.append(by_ref[q.ref])
+    if q.ties:
+        out.append(pl.col("is_tie") if q.ties == "only" else ~pl.col("is_tie"))
+    if q.margin_min is not None:
+        out.append(pl.col("margin") >= q.margin_min)
+    if q.margin_max is not None:
+        out.append(pl.col("margin") <= q.margin_max)
+    if q.chosen_origin:
+        out.append(pl.col("chosen_origin") == q.chosen_origin)
+    if q.rejected_origin:
+        out.append(pl.col("rejected_origin") == q.rejected_origin)
+    return out
+
+
+def prompt_text(messages: str = "messages") -> pl.Expr:
+    """The last user turn of a prompt's messages."""
+    return (pl.col(messages).list.eval(
+        pl.element().filter(pl.element().struct.field("role") == "user"))
+        .list.last().struct.field("content"))
+
+
+def pair_page(store: Store, q: PairQuery) -> PairPage:
+    """One page of pairs: filtered, counted, sorted and sliced lazily, then its texts read."""
+    frame = _snapshot_pairs(store, q.snapshot) if q.snapshot else _iteration_pairs(store, q)
+    for f in pair_filters(q):
+        frame = frame.filter(f)
+    if q.text and q.snapshot:
+        pattern = contains(q.text)
+        frame = frame.filter(pl.any_horizontal(
+            pl.col(c).str.contains(pattern).fill_null(False)
+            for c in ("prompt_text", "chosen_text", "rejected_text", "ref_text")))
+    column, descending = SORTS[q.sort]
+    page = (frame.sort([column, "pair_id"], descending=[descending, False], nulls_last=True)
+            .slice((q.page - 1) * q.per_page, q.per_page))
+    total, rows = pl.collect_all([frame.select(pl.len()), page])
+    if not q.snapshot:
+        rows = _with_texts(store, rows)
+    short = [pl.col(c).str.slice(0, SNIPPET) for c in
+             ("prompt_text", "chosen_text", "rejected_text", "ref_text")]
+    return PairPage(rows.with_columns(short).to_dicts(), int(total.item()), q)
+
+
+def _iteration_pairs(store: Store, q: PairQuery) -> pl.LazyFrame:
+    pairs = store.scan("pairs").filter(pl.col("iteration") == q.iteration).select(PAIR_COLUMNS)
+    if not q.text:
+        return pairs
+    pattern = contains(q.text)
+    responses = (store.scan("responses").filter(pl.col("iteration") == q.iteration)
+                 .select("response_id", "text")
+                 .filter(pl.col("text").str.contains(pattern)).select("response_id"))
+    prompts = (store.scan("prompts").select("prompt_id", "messages")
+               .filter(pl.col("messages").list.eval(
+                   pl.element().struct.field("content").str.contains(pattern)).list.any())
+               .select("prompt_id"))
+    hit_responses, hit_prompts = pl.collect_all([responses, prompts])
+    ids = hit_responses["response_id"].implode()
+    return pairs.filter(
+        pl.col("prompt_id").is_in(hit_prompts["prompt_id"].implode())
+        | pl.col("chosen_id").is_in(ids) | pl.col("rejected_id").is_in(ids)
+        | pl.col("ref_id").is_in(ids).fill_null(False))
+
+
+def _with_texts(store: Store, rows: pl.DataFrame) -> pl.DataFrame:
+    """The page's rows with their prompt and the three texts (only these rows' are read)."""
+    ids = pl.concat([rows[c] for c in ("chosen_id", "rejected_id", "ref_id")]).drop_nulls()
+    texts = (store.scan("responses").filter(pl.col("response_id").is_in(ids.implode()))
+             .select("response_id", pl.col("text").str.slice(0, SNIPPET)).unique("response_id"))
+    prompts = (store.scan("prompts").filter(pl.col("prompt_id").is_in(rows["prompt_id"].implode()))
+               .select("prompt_id", prompt_text().str.slice(0, SNIPPET).alias("prompt_text"))
+               .unique("prompt_id"))
+    texts_df, prompts_df = pl.collect_all([texts, prompts])
+    out = rows.join(prompts_df, on="prompt_id", how="left", maintain_order="left")
+    for role in ("chosen", "rejected", "ref"):
+        named = texts_df.rename({"response_id": f"{role}_id", "text": f"{role}_text"})
+        out = out.join(named, on=f"{role}_id", how="left", maintain_order="left")
+    return out
+
+
+def _snapshot_pairs(store: Store, name: str) -> pl.LazyFrame:
+    """A snapshot's rows in the columns of the store's pairs, with their texts (both layouts:
+    `prompt` is a string in `ultrafeedback`, the prompt's messages in `trl`)."""
+    folder = local_folder(store, snapshot_row(store, name)) / "data"
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        return pl.LazyFrame(schema={c: pl.String for c in (
+            *PAIR_COLUMNS, "prompt_text", "chosen_text", "rejected_text", "ref_text")}).cast(
+            {"iteration": pl.Int32, "chosen_score": pl.Float64, "rejected_score": pl.Float64,
+             "margin": pl.Float64, "is_tie": pl.Boolean})
+    frame = pl.scan_parquet(files)
+
+    def last(column: str) -> pl.Expr:
+        return pl.col(column).list.last().struct.field("content")
+
+    prompt = (pl.col("prompt") if frame.collect_schema()["prompt"] == pl.String
+              else prompt_text("prompt"))
+    return frame.select(
+        *(c for c in PAIR_COLUMNS if c not in ("chosen_score", "rejected_score")),
+        pl.col("score_chosen").alias("chosen_score"),
+        pl.col("score_rejected").alias("rejected_score"),
+        prompt.alias("prompt_text"), last("chosen").alias("chosen_text"),
+        last("rejected").alias("rejected_text"), last("reference").alias("ref_text"))
+
+
+def failed_page(store: Store, iteration: int, page: int, per_page: int = PER_PAGE
+                ) -> tuple[list[Row], int]:
+    """Failed generations of an iteration (they have no pair), with their prompt and whether
+    the prompt got a pair after all (a retry that succeeded)."""
+    failed = (store.scan("responses")
+              .filter((pl.col("iteration") == iteration) & (pl.col("status") == "failed"))
+              .select("response_id", "prompt_id", "origin", "sample_index", "error", "policy",
+                      "backend", "finish_reason", "created_at"))
+    rows = failed.sort("created_at", "response_id").slice((page - 1) * per_page, per_page)
+    total, rows_df = pl.collect_all([failed.select(pl.len()), rows])
+    prompts = (store.scan("prompts")
+               .filter(pl.col("prompt_id").is_in(rows_df["prompt_id"].implode()))
+               .select("prompt_id", prompt_text().str.slice(0, SNIPPET).alias("prompt_text")))
+    paired = (store.scan("pairs")
+              .filter((pl.col("iteration") == iteration)
+                      & pl.col("prompt_id").is_in(rows_df["prompt_id"].implode()))
+              .group_by("prompt_id").agg(pl.col("pair_id").first()))
+    prompts_df, paired_df = pl.collect_all([prompts.unique("prompt_id"), paired])
+    out = (rows_df.join(prompts_df, on="prompt_id", how="left", maintain_order="left")
+           .join(paired_df, on="prompt_id", how="left", maintain_order="left"))
+    return out.to_dicts(), int(total.item())
+
+
+# --- one pair -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairView:
+    pair: Row
+    prompt: Row | None  # the prompts row (messages, source, source row)
+    candidates: list[Row]  # the ranking's judgments with their responses, by position
+    responses: dict[str, Row]  # by response_id: chosen, rejected, y_ref and every candidate
+    checkpoints: dict[str, Row]  # registered checkpoints by fingerprint (the policies)
+    lineage: dict[str, Any]  # `selm-data lineage PAIR_ID`: run, downstream snapshots...
+
+
+def pair_view(store: Store, pair_id: str) -> PairView:
+    """Everything the pair page shows, full texts included.
+
+    Raises:
+        SelmError: no pair has this id.
+    """
+    found = store.scan("pairs").filter(pl.col("pair_id") == pair_id).collect()
+    if found.height == 0:
+        raise SelmError(f"no pair has id {pair_id!r}")
+    pair = found.row(0, named=True)
+    judgments = (store.scan("judgments").filter(pl.col("ranking_id") == pair["ranking_id"])
+                 .sort("position").collect())
+    ids = {*judgments["response_id"].to_list(), pair["chosen_id"], pair["rejected_id"],
+           pair["ref_id"]} - {None}
+    responses = store.scan("responses").filter(pl.col("response_id").is_in(list(ids))).collect()
+    by_id = {r["response_id"]: r for r in responses.iter_rows(named=True)}
+    prompt = store.scan("prompts").filter(pl.col("prompt_id") == pair["prompt_id"]).collect()
+    fingerprints = [f for f in responses["policy_fingerprint"].unique().to_list() if f]
+    checkpoints = (store.scan("checkpoints").filter(pl.col("fingerprint").is_in(fingerprints))
+                   .collect())
+    candidates = [{**j, "response": by_id.get(j["response_id"])}
+                  for j in judgments.iter_rows(named=True)]
+    return PairView(pair, prompt.row(0, named=True) if prompt.height else None, candidates,
+                    by_id, {c["fingerprint"]: c for c in checkpoints.iter_rows(named=True)},
+                    lineage(store, pair_id))
+
+
+# --- one prompt across iterations -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptAcross:
+    prompt: Row
+    iterations: list[Row]  # iteration, policy responses (with score), pairs
+
+
+def prompt_across(store: Store, prompt_id: str) -> PromptAcross:
+    """A prompt in every iteration that holds it: what the policy answered there, how the
+    ranker scored it, and the pair it got.
+
+    Raises:
+        SelmError: no prompt has this id.
+    """
+    prompt = store.scan("prompts").filter(pl.col("prompt_id") == prompt_id).collect()
+    if prompt.height == 0:
+        raise SelmError(f"no prompt has id {prompt_id!r}")
+    mine = pl.col("prompt_id") == prompt_id
+    responses, judgments, pairs = pl.collect_all([
+        store.scan("responses").filter(mine & (pl.col("origin") == "policy")),
+        store.scan("judgments").filter(mine).select("response_id", "ranking_id", "score",
+                                                    "rank", "ranker"),
+        store.scan("pairs").filter(mine).select(PAIR_COLUMNS)])
+    scored = responses.join(judgments, on="response_id", how="left")
+    iterations = sorted({*responses["iteration"].to_list(), *pairs["iteration"].to_list()})
+    return PromptAcross(prompt.row(0, named=True), [
+        {"iteration": it,
+         "responses": scored.filter(pl.col("iteration") == it)
+         .sort("sample_index", "created_at").to_dicts(),
+         "pairs": pairs.filter(pl.col("iteration") == it).sort("pair_id").to_dicts()}
+        for it in iterations])
+
+
+# --- the overview ---------------------------------------------------------------------------
+
+
+def sources(store: Store) -> tuple[list[int], list[str]]:
+    """The iterations that hold pairs, and the snapshots' names: what the pairs page lists."""
+    iterations = (store.scan("pairs").select("iteration").unique().collect()["iteration"]
+                  .sort().to_list())
+    names = store.scan("snapshots").select("name").collect()["name"].sort().to_list()
+    return iterations, names
+
+
+def snapshots_and_checkpoints(store: Store) -> tuple[list[Row], list[Row]]:
+    """Both small tables, each row with its lineage neighbours: the checkpoints trained on a
+    snapshot, and a checkpoint's snapshot name and the iteration its responses fed."""
+    snapshots, checkpoints, generated = pl.collect_all([
+        store.scan("snapshots").sort("iteration", "created_at"),
+        store.scan("checkpoints").sort("iteration", "created_at"),
+        store.scan("responses").filter(pl.col("origin") == "policy")
+        .group_by("policy_fingerprint").agg(pl.col("iteration").unique().sort())])
+    names = dict(zip(snapshots["snapshot_id"].to_list(), snapshots["name"].to_list(),
+                     strict=True))
+    fed = dict(zip(generated["policy_fingerprint"].to_list(), generated["iteration"].to_list(),
+                   strict=True))
+    ckpts = [{**c, "snapshot_name": names.get(c["snapshot_id"]),
+              "generated_in": fed.get(c["fingerprint"], [])}
+             for c in checkpoints.iter_rows(named=True)]
+    snaps = [{**s, "checkpoints": [c for c in ckpts if c["snapshot_id"] == s["snapshot_id"]]}
+             for s in snapshots.iter_rows(named=True)]
+    return snaps, ckpts
+
+
+@dataclass(frozen=True)
+class WinMatrix:
+    """Stored evaluation comparisons as a matrix: the raw win rate of row over column."""
+
+    prompt_set: str
+    ranker: str
+    labels: list[str]
+    cells: list[list[tuple[float, int] | None]]  # (win rate, questions) or None
+
+
+def win_matrices(store: Store) -> tuple[pl.DataFrame, list[WinMatrix]]:
+    """`inspect`'s evaluation tables (`eval_stats`) and one matrix per prompt set and ranker.
+    Only what is stored: the viewer loads no ranker (`selm-data winrates` scores and adds the
+    length-controlled rates and intervals)."""
+    answers, compared = eval_stats(store)
+    matrices = []
+    for (prompt_set, ranker), group in compared.group_by("prompt_set", "ranker",
+                                                         maintain_order=True):
+        labels = list(dict.fromkeys([*group["a"].to_list(), *group["b"].to_list()]))
+        cells: list[list[tuple[float, int] | None]] = [[None] * len(labels) for _ in labels]
+        for row in group.iter_rows(named=True):
+            i, j = labels.index(row["a"]), labels.index(row["b"])
+            cells[i][j] = (row["win_a"], row["compared"])
+            cells[j][i] = (1.0 - row["win_a"], row["compared"])
+        matrices.append(WinMatrix(str(prompt_set), str(ranker), labels, cells))
+    return answers, matrices
+
+
+__all__ = ["PER_PAGE", "REF_ROLES", "SORTS", "TIES", "PairPage", "PairQuery", "PairView",
+           "PromptAcross", "WinMatrix", "failed_page", "pair_page", "pair_view",
+           "prompt_across", "snapshots_and_checkpoints", "sources", "win_matrices"]
