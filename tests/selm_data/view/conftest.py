@@ -90,9 +90,11 @@ def iteration_one() -> list[Rows]:
                     fingerprint="base"),  # y_ref ties y_w and wins the tie
         prompt_rows(1, "Count to three", ("1 2 3", "one two three", "3 2 1"), (0.1, 0.7, -0.2),
                     fingerprint="base", failed_first=True),
+        prompt_rows(1, "All the same", ("same", "same too", "also same"), (0.2, 0.2, 0.2),
+                    fingerprint="base"),  # a tie: y_ref chosen, y_l rejected, margin 0
     ]
     out += [prompt_rows(1, f"filler question {i}", (f"policy {i}", f"good {i}", f"bad {i}"),
-                        (0.1 * i, 0.5, -0.5), fingerprint="base") for i in range(8)]
+                        (0.1 * i - 0.6, 0.5, -0.5), fingerprint="base") for i in range(8)]
     return out
 
 
