@@ -30,7 +30,7 @@ class SafeMarkdown(MarkdownIt):
         self.disable("image")
         self.add_render_rule("link_open", _link_open)
 
-    def validateLink(self, url: str) -> bool:  # noqa: N802 (markdown-it's name)
+    def validateLink(self, url: str) -> bool:
         return url.strip().lower().startswith(LINK_SCHEMES)
 
 

@@ -8,10 +8,10 @@ import re
 import polars as pl
 import pytest
 
-from conftest import ONERROR, SCRIPT, SHARED, Built
 from selm_data.errors import SelmError
 from selm_data.view import app as view_app
 from selm_data.view.queries import PairQuery, pair_page
+from viewstore import ONERROR, SCRIPT, SHARED, Built
 
 starlette = pytest.importorskip("starlette")  # the `view` extra; `make test` installs it
 from starlette.testclient import TestClient  # noqa: E402
@@ -192,3 +192,19 @@ def test_payloads_are_in_the_store_as_planted(built):
     """The escaping tests mean something only if the payloads are really there."""
     texts = built.store.scan("responses").select("text").collect()["text"].to_list()
     assert SCRIPT in texts and ONERROR in texts
+
+
+def test_search_sees_what_the_store_holds_now(tmp_path):
+    """The in-memory texts of a search are keyed by the tables' versions: never stale."""
+    from selm_data.store.store import RunInfo, open_store
+    from viewstore import iteration_one, prompt_rows, write
+
+    store = open_store(tmp_path / "store", create=True, run=RunInfo.new("pytest"))
+    write(store, iteration_one())
+    client = TestClient(view_app.make_app(store), base_url="http://127.0.0.1")
+    assert shown_pairs(client.get("/pairs?iter=1&q=brand+new").text) == []
+    write(store, [prompt_rows(1, "A brand new question", ("x", "y", "z"), (0.1, 0.2, 0.3),
+                              fingerprint="base")])
+    found = shown_pairs(client.get("/pairs?iter=1&q=brand+new").text)
+    assert len(found) == 1
+    assert client.get("/pairs?iter=1").text.count("A brand new question") == 1  # its snippet

@@ -23,8 +23,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from conftest import SHARED, Built
 from helpers import require
+from viewstore import SHARED, Built
 
 pytestmark = pytest.mark.slow
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromedriver")
@@ -97,6 +97,19 @@ def _screenshot(driver: Any, name: str) -> None:
         driver.set_window_size(1400, 1000)
 
 
+def _go(driver: Any, element: Any) -> None:
+    """Click a link or button and wait until the next page has replaced this one (a click
+    returns before the navigation it starts has finished)."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element(_by().TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def _not_pwned(driver: Any) -> None:
     assert driver.execute_script("return window.__pwned === undefined")
     assert "pwned" not in driver.title
@@ -127,12 +140,12 @@ def test_overview_filter_pair_and_lineage(server, browser, built):
         browser.get(server + "/")
 
     # Pairs of iteration 1 where y_ref was chosen, through the form as a user sets it.
-    browser.find_element(by.ID, "nav-pairs").click()
+    _go(browser, browser.find_element(by.ID, "nav-pairs"))
     from selenium.webdriver.support.ui import Select
 
     Select(browser.find_element(by.ID, "f-iter")).select_by_value("1")
     Select(browser.find_element(by.ID, "f-ref")).select_by_value("chosen")
-    browser.find_element(by.ID, "f-apply").click()
+    _go(browser, browser.find_element(by.ID, "f-apply"))
     want = (store.scan("pairs").filter((pl.col("iteration") == 1)
                                        & (pl.col("chosen_id") == pl.col("ref_id")))
             .collect()["pair_id"].sort().to_list())
@@ -145,29 +158,30 @@ def test_overview_filter_pair_and_lineage(server, browser, built):
     box.clear()
     box.send_keys("capital")
     Select(browser.find_element(by.ID, "f-ref")).select_by_value("")
-    browser.find_element(by.ID, "f-apply").click()
+    _go(browser, browser.find_element(by.ID, "f-apply"))
     rows = browser.find_elements(by.CSS_SELECTOR, "tr.pair-row")
     assert len(rows) == 1
-    rows[0].find_element(by.CSS_SELECTOR, "a.pair-link").click()
-    pair_id = rows and browser.current_url.rsplit("/", 1)[1]
+    _go(browser, rows[0].find_element(by.CSS_SELECTOR, "a.pair-link"))
+    pair_id = browser.current_url.rsplit("/", 1)[1]
     pair = store.scan("pairs").filter(pl.col("pair_id") == pair_id).collect().row(0, named=True)
     assert browser.find_element(by.ID, "margin").text == f"{pair['margin']:.3f}"
     assert SHARED in browser.find_element(by.ID, "prompt").text
     assert "test-ranker 7" in browser.find_element(by.ID, "ranker").text
 
     # Lineage: the snapshot that holds the pair, then the checkpoint trained on it.
-    browser.find_element(by.CSS_SELECTOR, "#downstream-checkpoints a.checkpoint-link").click()
+    _go(browser, browser.find_element(by.CSS_SELECTOR,
+                                      "#downstream-checkpoints a.checkpoint-link"))
     assert browser.find_element(by.ID, "row-id").text == built.checkpoint_id
     assert "ckpt/iter1" in browser.page_source
     browser.back()
-    browser.find_element(by.CSS_SELECTOR, "#downstream-snapshots a.snapshot-link").click()
+    _go(browser, browser.find_element(by.CSS_SELECTOR, "#downstream-snapshots a.snapshot-link"))
     shown = browser.find_elements(by.CSS_SELECTOR, "tr.pair-row")
     assert len(shown) == store.scan("snapshots").filter(pl.col("name") == "it1").collect()[
         "row_count"][0]
 
     # The same prompt across iterations: the policy's answer at each.
     browser.back()
-    browser.find_element(by.ID, "prompt-across").click()
+    _go(browser, browser.find_element(by.ID, "prompt-across"))
     assert browser.find_element(by.ID, "iteration-1").text.count("Paris, said the policy.") == 1
     assert "Paris is the capital." in browser.find_element(by.ID, "iteration-2").text
     _not_pwned(browser)
@@ -178,7 +192,7 @@ def test_planted_script_and_onerror_do_not_run(server, browser, built):
     browser.get(server + "/pairs?iter=1&q=dangerous")
     _not_pwned(browser)
     assert "<script>document.title" in browser.find_element(by.ID, "pairs").text
-    browser.find_element(by.CSS_SELECTOR, "a.pair-link").click()
+    _go(browser, browser.find_element(by.CSS_SELECTOR, "a.pair-link"))
     time.sleep(0.5)  # an onerror fires once the image has failed to load
     _not_pwned(browser)
     assert browser.title.startswith("Pair ")
@@ -197,7 +211,7 @@ def test_compare_two_iterations(server, browser, built):
     browser.get(server + "/compare")
     Select(browser.find_element(by.ID, "c-a")).select_by_value("1")
     Select(browser.find_element(by.ID, "c-b")).select_by_value("2")
-    browser.find_element(by.ID, "c-apply").click()
+    _go(browser, browser.find_element(by.ID, "c-apply"))
     overlap = browser.find_element(by.ID, "overlap").text
     assert "prompts 12 3 1" in overlap  # one prompt was built in both iterations
     _screenshot(browser, "compare")
