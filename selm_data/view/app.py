@@ -178,36 +178,39 @@ def scores_png(v: Viewer, request: Request) -> Response:
     return Response(png, media_type="image/png")
 
 
+FILTERS = ("ref", "ties", "margin_min", "margin_max", "chosen_origin", "rejected_origin", "q",
+           "failed")
+
+
 def pairs(v: Viewer, request: Request) -> Response:
     iterations, snapshots = queries.sources(v.store)
-    p = request.query_params
-    snapshot = p.get("snapshot") or None
+    snapshot = request.query_params.get("snapshot") or None
     iteration = _int(request, "iter")
     if snapshot is None and iteration is None:
         if not iterations:
             raise SelmError("the store holds no pairs yet; build an iteration first: "
                             "`selm-data build --iter 1`")
         iteration = iterations[-1]
-    params = {"iter": iteration if snapshot is None else None, "snapshot": snapshot,
-              "ref": p.get("ref", ""), "ties": p.get("ties", ""),
-              "margin_min": p.get("margin_min", ""), "margin_max": p.get("margin_max", ""),
-              "chosen_origin": p.get("chosen_origin", ""),
-              "rejected_origin": p.get("rejected_origin", ""), "q": p.get("q", ""),
-              "sort": p.get("sort", "pair"), "failed": p.get("failed", "")}
+    if snapshot is not None:
+        iteration = None
+    # What the form shows and every link keeps: the source, the filters as typed, the order.
+    params: dict[str, Any] = {"iter": iteration, "snapshot": snapshot,
+                              "sort": request.query_params.get("sort", "pair"),
+                              **{k: request.query_params.get(k, "") for k in FILTERS}}
     page = _int(request, "page", 1) or 1
-    common = {"title": "Pairs", "iterations": iterations, "snapshots": snapshots,
-              "params": params, "sorts": queries.SORTS, "ref_roles": queries.REF_ROLES,
-              "link": lambda **changes: _link("/pairs", {**params, **changes})}
-    if params["failed"] and iteration is not None and snapshot is None:
+    common: dict[str, Any] = {
+        "title": "Pairs", "iterations": iterations, "snapshots": snapshots, "params": params,
+        "ref_roles": queries.REF_ROLES,
+        "link": lambda **changes: _link("/pairs", {**params, **changes})}
+    if params["failed"] and iteration is not None:
         rows, total = queries.failed_page(v.store, iteration, page)
         return v.page("failed.html", rows=rows, total=total, page=page,
                       pages=max(1, -(-total // queries.PER_PAGE)), **common)
     q = queries.PairQuery(
-        iteration=None if snapshot else iteration, snapshot=snapshot, ref=params["ref"],
-        ties=params["ties"], margin_min=_float(request, "margin_min"),
-        margin_max=_float(request, "margin_max"), chosen_origin=params["chosen_origin"],
-        rejected_origin=params["rejected_origin"], text=params["q"].strip(),
-        sort=params["sort"], page=page)
+        iteration=iteration, snapshot=snapshot, ref=params["ref"], ties=params["ties"],
+        margin_min=_float(request, "margin_min"), margin_max=_float(request, "margin_max"),
+        chosen_origin=params["chosen_origin"], rejected_origin=params["rejected_origin"],
+        text=params["q"].strip(), sort=params["sort"], page=page)
     return v.page("pairs.html", result=queries.pair_page(v.store, q, v.texts), **common)
 
 
