@@ -11,10 +11,15 @@ import pytest
 from selm_data.errors import SelmError
 from selm_data.view import app as view_app
 from selm_data.view.queries import PairQuery, pair_page
-from viewstore import ONERROR, SCRIPT, SHARED, Built
+from viewstore import ONERROR, SCRIPT, SHARED, Built, built_store
 
 starlette = pytest.importorskip("starlette")  # the `view` extra; `make test` installs it
 from starlette.testclient import TestClient  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return built_store(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,15 @@ import polars as pl
 import pytest
 
 from helpers import require
-from viewstore import SHARED, Built
+from viewstore import SHARED, Built, built_store
 
 pytestmark = pytest.mark.slow
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return built_store(tmp_path_factory)
 
 
 def _free_port() -> int:

@@ -5,7 +5,7 @@ generated iteration 2, and stored evaluation answers and comparisons (`helpers.c
 
 Planted in it: responses that carry a `<script>` and an `<img onerror>` payload (each would
 set `document.title` and `window.__pwned` if it ran), markdown with a code block, a tie, a failed
-generation, and one prompt built in both iterations. The fixture is in conftest.py.
+generation, and one prompt built in both iterations.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
+import pytest
 
 from helpers import chain_rows
 from selm_data.builder.pairing import Candidate, best_worst, ranks
 from selm_data.publish.snapshot import export
 from selm_data.store.schema import RESPONSES, content_id, row_id
-from selm_data.store.store import Store
+from selm_data.store.store import RunInfo, Store, open_store
 
 SCRIPT = '<script>document.title="pwned-script";window.__pwned=1;</script>'
 ONERROR = '<img src=x onerror="document.title=\'pwned-img\';window.__pwned=2">'
@@ -133,3 +134,10 @@ def build_store(store: Store) -> Built:
     store.append("eval_answers", evals["eval_answers"])
     store.append("eval_comparisons", evals["eval_comparisons"])
     return Built(store, "it1", snapshot_id, checkpoint_id)
+
+
+def built_store(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The store of this module, in a fresh folder (each test module's `built` fixture)."""
+    store = open_store(tmp_path_factory.mktemp("view") / "store", create=True,
+                       run=RunInfo.new("pytest"))
+    return build_store(store)
