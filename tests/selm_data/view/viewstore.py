@@ -11,6 +11,7 @@ generation, and one prompt built in both iterations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 import pytest
@@ -52,17 +53,18 @@ def prompt_rows(iteration: int, question: str, texts: tuple[str, str, str],
     for origin, text, score in zip(("policy", "dataset_chosen", "dataset_rejected"), texts,
                                    scores, strict=True):
         policy = origin == "policy"
-        response = {"prompt_id": prompt_id, "iteration": iteration, "origin": origin,
-                    "sample_index": 0, "status": "ok", "text": text,
-                    "policy": "tiny-llama" if policy else None,
-                    "policy_fingerprint": fingerprint if policy else None,
-                    "sampling": sampling if policy else None,
-                    "backend": "transformers" if policy else None,
-                    "completion_tokens": len(text.split()) if policy else None,
-                    "finish_reason": "stop" if policy else None}
-        response["response_id"] = row_id(RESPONSES, response)
+        response: dict[str, Any] = {
+            "prompt_id": prompt_id, "iteration": iteration, "origin": origin,
+            "sample_index": 0, "status": "ok", "text": text,
+            "policy": "tiny-llama" if policy else None,
+            "policy_fingerprint": fingerprint if policy else None,
+            "sampling": sampling if policy else None,
+            "backend": "transformers" if policy else None,
+            "completion_tokens": len(text.split()) if policy else None,
+            "finish_reason": "stop" if policy else None}
+        response_id = response["response_id"] = row_id(RESPONSES, response)
         rows["responses"].append(response)
-        candidates.append(Candidate(response["response_id"], origin, score))
+        candidates.append(Candidate(response_id, origin, score))
     ranking_id = content_id("ranking", {"candidates": [c.response_id for c in candidates]})
     for pos, (c, rank) in enumerate(zip(candidates, ranks(scores), strict=True)):
         rows["judgments"].append({"ranking_id": ranking_id, "prompt_id": prompt_id,
