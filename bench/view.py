@@ -64,7 +64,6 @@ def main() -> None:
         client = TestClient(make_app(store), base_url="http://127.0.0.1")
         pair_id = store.scan("pairs").select("pair_id").head(1).collect().item()
         prompt_id = store.scan("pairs").select("prompt_id").head(1).collect().item()
-        matches = client.get(SEARCH).text.count('class="pair-row"')
         pages = [
             ("50 pairs, filter + text search (the goal)", SEARCH),
             ("the same, another word, page 2", AGAIN),
@@ -84,6 +83,7 @@ def main() -> None:
             results.append((label, runs[0], statistics.median(runs[1:]), runs[1:]))
             print(f"  {label}: first {runs[0]:.0f} ms, then median {results[-1][2]:.0f} ms",
                   flush=True)
+        matches = client.get(SEARCH).text.count('class="pair-row"')
         searched = (store.scan("pairs").filter(~pl.col("is_tie")).select(pl.len())
                     .collect().item())
         print(f"\n{args.pairs:,} pairs in one iteration ({searched:,} not tied); the goal page "

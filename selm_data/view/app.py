@@ -29,11 +29,12 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selm_data.errors import SelmError
-from selm_data.publish.diff import DIFF_ROWS, change, diff
+from selm_data.publish.diff import DIFF_ROWS, Diff, change, diff
 from selm_data.publish.plots import plot
+from selm_data.publish.snapshot import READS
 from selm_data.publish.stats import SECTIONS, iteration_stats, quarantine_stats
 from selm_data.store.schema import RESPONSE_ORIGINS
-from selm_data.store.store import Store
+from selm_data.store.store import Store, open_store
 from selm_data.view import queries, render
 
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
@@ -82,20 +83,37 @@ class BadRequest(SelmError):
 
 
 class Viewer:
-    """The store and what the pages share: templates and the plot cached per store version."""
+    """The store and what the pages share: templates, the overview and plot cached per store
+    version, and the search index.
+
+    Each thread of the server's pool reads through its own `Store`: a Store keeps its Delta
+    tables and refreshes them in place when asked for a version, which two threads must not do
+    at once.
+    """
 
     def __init__(self, store: Store) -> None:
-        self.store = store
+        self._uri = store.uri
+        self._local = threading.local()
+        self._local.store = store
         self.env = Environment(loader=PackageLoader("selm_data.view", "templates"),
                                autoescape=True, undefined=StrictUndefined,
                                trim_blocks=True, lstrip_blocks=True)
         self.env.globals.update(
             markdown=render.markdown, num=render.num, pct=render.pct, short=render.short,
             shade=render.shade, store_uri=store.uri, origins=RESPONSE_ORIGINS)
-        self._lock = threading.Lock()  # the Store's Delta tables are refreshed in place
+        self._lock = threading.Lock()  # one computation of the cached overview and plot
         self._plot: tuple[tuple[int, ...], bytes | None] | None = None
         self._stats: tuple[tuple[int, ...], dict[str, Any]] | None = None
+        self._diffs: dict[tuple[Any, ...], Diff] = {}
         self.texts = queries.TextIndex()
+
+    @property
+    def store(self) -> Store:
+        """This thread's Store (opened read-only on first use)."""
+        store: Store | None = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = open_store(self._uri)
+        return store
 
     def page(self, template: str, status: int = 200, **values: Any) -> HTMLResponse:
         html = self.env.get_template(template).render(**values)
@@ -118,6 +136,17 @@ class Viewer:
                     "answers": answers.to_dicts(), "matrices": matrices,
                     "snapshots": snapshots, "checkpoints": checkpoints})
             return self._stats[1]
+
+    def diff(self, a: str, b: str) -> Diff:
+        """`selm-data diff A B`, kept for the store's versions: a diff joins both sides whole
+        (~10 s for two 100k-pair sides), and a user comes back to the same comparison."""
+        key = (a, b, *(self.store.version(t) for t in READS))
+        with self._lock:
+            if key not in self._diffs:
+                if len(self._diffs) >= 8:
+                    self._diffs.pop(next(iter(self._diffs)))
+                self._diffs[key] = diff(self.store, a, b)
+            return self._diffs[key]
 
     def scores_png(self) -> bytes | None:
         """`inspect --plot`'s PNG, drawn again only when pairs or judgments changed."""
@@ -227,7 +256,7 @@ def prompt(v: Viewer, request: Request) -> Response:
 def compare(v: Viewer, request: Request) -> Response:
     iterations, snapshots = queries.sources(v.store)
     a, b = request.query_params.get("a", ""), request.query_params.get("b", "")
-    result = diff(v.store, a, b) if a and b else None
+    result = v.diff(a, b) if a and b else None
     return v.page("compare.html", title="Compare", iterations=iterations, snapshots=snapshots,
                   a=a, b=b, d=result, rows=DIFF_ROWS, change=change)
 

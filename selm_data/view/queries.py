@@ -25,7 +25,7 @@ from typing import Any
 import polars as pl
 
 from selm_data.errors import SelmError
-from selm_data.publish.lineage import lineage
+from selm_data.publish.lineage import downstream
 from selm_data.publish.snapshot import local_folder, snapshot_row
 from selm_data.publish.stats import eval_stats
 from selm_data.store.schema import RESPONSE_ORIGINS
@@ -334,7 +334,8 @@ class PairView:
     candidates: list[Row]  # the ranking's judgments with their responses, by position
     responses: dict[str, Row]  # by response_id: chosen, rejected, y_ref and every candidate
     checkpoints: dict[str, Row]  # registered checkpoints by fingerprint (the policies)
-    lineage: dict[str, Any]  # `selm-data lineage PAIR_ID`: run, downstream snapshots...
+    run: Row | None  # the command that wrote the pair
+    downstream: dict[str, Any]  # lineage's downstream: snapshots, checkpoints, generated
 
 
 def pair_view(store: Store, pair_id: str) -> PairView:
@@ -357,11 +358,13 @@ def pair_view(store: Store, pair_id: str) -> PairView:
     fingerprints = [f for f in responses["policy_fingerprint"].unique().to_list() if f]
     checkpoints = (store.scan("checkpoints").filter(pl.col("fingerprint").is_in(fingerprints))
                    .collect())
+    run = store.scan("runs").filter(pl.col("run_id") == pair["run_id"]).collect()
     candidates = [{**j, "response": by_id.get(j["response_id"])}
                   for j in judgments.iter_rows(named=True)]
     return PairView(pair, prompt.row(0, named=True) if prompt.height else None, candidates,
                     by_id, {c["fingerprint"]: c for c in checkpoints.iter_rows(named=True)},
-                    lineage(store, pair_id))
+                    run.row(0, named=True) if run.height else None,
+                    downstream(store, "pairs", pair))
 
 
 # --- one prompt across iterations -----------------------------------------------------------

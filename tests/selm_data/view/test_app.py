@@ -213,3 +213,16 @@ def test_search_sees_what_the_store_holds_now(tmp_path):
     found = shown_pairs(client.get("/pairs?iter=1&q=brand+new").text)
     assert len(found) == 1
     assert client.get("/pairs?iter=1").text.count("A brand new question") == 1  # its snippet
+
+
+def test_concurrent_requests_each_read_through_their_own_store(built):
+    """The server answers from a thread pool; a Store refreshes its tables in place, so each
+    thread has its own (two threads refreshing one Delta table at once can fail)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = TestClient(view_app.make_app(built.store), base_url="http://127.0.0.1")
+    urls = ["/", "/pairs?iter=1&q=paris", "/pairs?iter=2&q=paris", "/compare?a=1&b=2",
+            "/pairs?snapshot=it1&q=lyon", "/plots/scores.png"] * 3
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda url: client.get(url).status_code, urls))
+    assert codes == [200] * len(urls)
