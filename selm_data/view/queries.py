@@ -213,27 +213,29 @@ def _iteration_texts(store: Store, iteration: int | None) -> pl.DataFrame:
     # The build writes a pair's responses under its iteration (partition pruning); any that
     # live elsewhere (a dataset response first stored by an earlier iteration) are fetched by id.
     texts = (store.scan("responses").filter(pl.col("iteration") == iteration)
-             .select("response_id", "text"))
+             .select("response_id", "text").collect())
+    ids = pairs.select(pl.concat([pl.col(c) for c in ("chosen_id", "rejected_id", "ref_id")])
+                       .drop_nulls().unique().alias("response_id"))
+    missing = ids.join(texts.lazy(), on="response_id", how="anti").collect()["response_id"]
+    if missing.len():
+        texts = pl.concat([texts, store.scan("responses").filter(
+            pl.col("response_id").is_in(missing.implode())).select("response_id", "text")
+            .collect()]).unique("response_id")
     prompts = (store.scan("prompts")
                .join(pairs.select("prompt_id").unique(), on="prompt_id", how="semi")
                .unique("prompt_id").select("prompt_id", *_prompt_columns()))
-    frame, texts_df = pl.collect_all([pairs.join(prompts, on="prompt_id", how="left"), texts])
-    ids = pl.concat([frame[c] for c in ("chosen_id", "rejected_id", "ref_id")]).drop_nulls()
-    missing = ids.filter(~ids.is_in(texts_df["response_id"].implode())).unique()
-    if missing.len():
-        texts_df = pl.concat([texts_df, store.scan("responses").filter(
-            pl.col("response_id").is_in(missing.implode())).select("response_id", "text")
-            .collect()])
-    texts_df = texts_df.unique("response_id")
+    frame = pairs.join(prompts, on="prompt_id", how="left")
     for role in ("chosen", "rejected", "ref"):
-        frame = frame.join(texts_df.rename({"response_id": f"{role}_id", "text": f"{role}_text"}),
+        frame = frame.join(texts.lazy().rename({"response_id": f"{role}_id",
+                                                "text": f"{role}_text"}),
                            on=f"{role}_id", how="left")
     return _indexed(frame)
 
 
-def _indexed(frame: pl.DataFrame) -> pl.DataFrame:
+def _indexed(frame: pl.LazyFrame) -> pl.DataFrame:
     """Full texts (pair_id, prompt_all and SHOWN) as the index holds them: one searched string
-    (y_ref only where its text is neither the chosen nor the rejected one) and snippets."""
+    (y_ref only where its text is neither the chosen nor the rejected one) and snippets; one
+    plan, so the joined full texts are never all held at once."""
     ref = pl.col("ref_text")
     distinct = ((ref != pl.col("chosen_text")).fill_null(True)
                 & (ref != pl.col("rejected_text")).fill_null(True))
@@ -241,13 +243,13 @@ def _indexed(frame: pl.DataFrame) -> pl.DataFrame:
              pl.when(distinct).then(ref)]
     return frame.select(
         "pair_id", pl.concat_str(parts, separator="\x00", ignore_nulls=True).alias("searched"),
-        *(pl.col(c).str.slice(0, SNIPPET) for c in SHOWN)).rechunk()
+        *(pl.col(c).str.slice(0, SNIPPET) for c in SHOWN)).collect().rechunk()
 
 
 def _snapshot_texts(store: Store, name: str | None) -> pl.DataFrame:
     files = _snapshot_files(store, name)
     if not files:
-        return _indexed(pl.DataFrame(schema={c: pl.String for c in
+        return _indexed(pl.LazyFrame(schema={c: pl.String for c in
                                              ("pair_id", "prompt_all", *SHOWN)}))
     frame = pl.scan_parquet(files)
 
@@ -264,7 +266,7 @@ def _snapshot_texts(store: Store, name: str | None) -> pl.DataFrame:
             .alias("prompt_all"), prompt_text("prompt").alias("prompt_text")]
     return _indexed(frame.select("pair_id", *prompt, last("chosen").alias("chosen_text"),
                                  last("rejected").alias("rejected_text"),
-                                 last("reference").alias("ref_text")).collect())
+                                 last("reference").alias("ref_text")))
 
 
 def _with_texts(store: Store, rows: pl.DataFrame) -> pl.DataFrame:
