@@ -97,7 +97,7 @@ def _screenshot(driver: Any, name: str) -> None:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1400, min(max(height + 40, 700), 2200))
+        driver.set_window_size(1400, min(max(height + 200, 700), 2600))  # + the window frame
         driver.save_screenshot(str(Path(folder) / f"view-{name}.png"))
         driver.set_window_size(1400, 1000)
 
