@@ -3,18 +3,21 @@ store, untrusted text is escaped, nothing writes, and only GET from a loopback n
 
 from __future__ import annotations
 
+import os
 import re
 
 import polars as pl
 import pytest
 
+if os.environ.get("SELM_REQUIRE_OPTIONAL") != "1":  # `make test`: a missing extra fails
+    pytest.importorskip("starlette", reason="the view extra: pip install 'selm[view]'")
+
+from starlette.testclient import TestClient
+
 from selm_data.errors import SelmError
 from selm_data.view import app as view_app
 from selm_data.view.queries import PairQuery, pair_page
 from viewstore import ONERROR, SCRIPT, SHARED, Built, built_store
-
-starlette = pytest.importorskip("starlette")  # the `view` extra; `make test` installs it
-from starlette.testclient import TestClient  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +229,48 @@ def test_concurrent_requests_each_read_through_their_own_store(built):
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda url: client.get(url).status_code, urls))
     assert codes == [200] * len(urls)
+
+
+def _serve(args: list[str], port: int) -> tuple[int, str, str]:
+    """`selm-data view ARGS` in a process: the status of GET / on 127.0.0.1:port and what it
+    printed, then stopped."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "selm_data.cli", "view", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+                    status, body = r.status, r.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no server"
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    return status, body, out
+
+
+@pytest.mark.slow
+def test_the_command_serves_on_loopback_and_warns_for_another_host(built):
+    import socket
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    port = free()
+    status, body, out = _serve(["--store", str(built.store.root), "--port", str(port)], port)
+    assert status == 200 and "<title>Overview" in body
+    assert f"http://127.0.0.1:{port}/" in out and "warning" not in out
+    port = free()
+    _, _, out = _serve(["--store", str(built.store.root), "--port", str(port),
+                        "--host", "0.0.0.0"], port)
+    assert "warning: --host 0.0.0.0 serves the store to every machine" in out
