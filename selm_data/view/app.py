@@ -257,8 +257,20 @@ def compare(v: Viewer, request: Request) -> Response:
     iterations, snapshots = queries.sources(v.store)
     a, b = request.query_params.get("a", ""), request.query_params.get("b", "")
     result = v.diff(a, b) if a and b else None
+    page = _int(request, "page", 1) or 1
+    questions, total = queries.eval_questions(v.store, page)
+    pages = max(1, -(-total // queries.PER_PAGE))
     return v.page("compare.html", title="Compare", iterations=iterations, snapshots=snapshots,
-                  a=a, b=b, d=result, rows=DIFF_ROWS, change=change)
+                  a=a, b=b, d=result, rows=DIFF_ROWS, change=change, questions=questions,
+                  total=total, page=page, pages=pages,
+                  link=lambda **changes: _link("/compare", {"a": a, "b": b, **changes}))
+
+
+def question(v: Viewer, request: Request) -> Response:
+    p = request.query_params
+    across = queries.question_across(v.store, p.get("set", ""), p.get("id", ""))
+    return v.page("question.html", title=f"Question {across.question_id} across policies",
+                  qa=across)
 
 
 def lineage_page(v: Viewer, request: Request) -> Response:
@@ -286,6 +298,7 @@ def make_app(store: Store, *, allowed_hosts: list[str] | None = None) -> Starlet
     pages: list[tuple[str, Handler]] = [
         ("/", overview), ("/plots/scores.png", scores_png), ("/pairs", pairs),
         ("/pair/{pair_id}", pair), ("/prompt/{prompt_id}", prompt), ("/compare", compare),
+        ("/question", question),
         ("/lineage/{row_id}", lineage_page),
     ]
     routes: list[Route | Mount] = [Route(path, _handle(h, v), methods=["GET"])

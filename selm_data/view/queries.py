@@ -27,7 +27,7 @@ import polars as pl
 from selm_data.errors import SelmError
 from selm_data.publish.lineage import downstream
 from selm_data.publish.snapshot import local_folder, snapshot_row
-from selm_data.publish.stats import eval_stats
+from selm_data.publish.stats import eval_stats, policy_label
 from selm_data.store.schema import RESPONSE_ORIGINS
 from selm_data.store.store import Store
 
@@ -404,6 +404,61 @@ def prompt_across(store: Store, prompt_id: str) -> PromptAcross:
         for it in iterations])
 
 
+# --- one evaluation question across policies ------------------------------------------------
+
+
+def eval_questions(store: Store, page: int, per_page: int = PER_PAGE) -> tuple[list[Row], int]:
+    """The evaluation questions answered (`selm-data eval`), with how many policies answered
+    each: the entries of the question pages."""
+    first = (store.scan("eval_answers").filter(pl.col("turn") == 1)
+             .group_by("prompt_set", "question_id")
+             .agg(pl.col("messages").first().list.last().struct.field("content")
+                  .str.slice(0, SNIPPET).alias("question"),
+                  pl.col("policy_fingerprint").n_unique().alias("policies")))
+    rows = first.sort("prompt_set", "question_id").slice((page - 1) * per_page, per_page)
+    total, rows_df = pl.collect_all([first.select(pl.len()), rows])
+    return rows_df.to_dicts(), int(total.item())
+
+
+@dataclass(frozen=True)
+class QuestionAcross:
+    prompt_set: str
+    question_id: str
+    messages: list[Row]  # turn 1's messages: the question
+    policies: list[Row]  # label, iteration, checkpoint_id, answers (by turn)
+    comparisons: list[Row]  # the stored comparisons of turn-1 answers, a and b labelled
+
+
+def question_across(store: Store, prompt_set: str, question_id: str) -> QuestionAcross:
+    """What each policy (the base model, each iteration's checkpoint, other models) answered to
+    one evaluation question, and how the ranker compared the answers.
+
+    Raises:
+        SelmError: no answer to this question is stored.
+    """
+    mine = (pl.col("prompt_set") == prompt_set) & (pl.col("question_id") == question_id)
+    answers = (store.scan("eval_answers").filter(mine)
+               .with_columns(label=policy_label()).sort("iteration", "policy", "turn")
+               .collect())
+    if answers.height == 0:
+        raise SelmError(f"no stored answer to question {question_id!r} of {prompt_set!r}")
+    comparisons = store.scan("eval_comparisons").filter(mine).collect()
+    labels = dict(zip(answers["answer_id"].to_list(), answers["label"].to_list(), strict=True))
+    policies = []
+    for (fingerprint,), group in answers.group_by("policy_fingerprint", maintain_order=True):
+        head = group.row(0, named=True)
+        policies.append({"label": head["label"], "iteration": head["iteration"],
+                         "policy": head["policy"], "fingerprint": fingerprint,
+                         "checkpoint_id": head["checkpoint_id"], "answers": group.to_dicts()})
+    turn_one = answers.filter(pl.col("turn") == 1)
+    return QuestionAcross(
+        prompt_set, question_id, turn_one.row(0, named=True)["messages"] if turn_one.height
+        else answers.row(0, named=True)["messages"], policies,
+        [{**c, "a": labels.get(c["answer_a_id"], c["answer_a_id"][:12]),
+          "b": labels.get(c["answer_b_id"], c["answer_b_id"][:12])}
+         for c in comparisons.iter_rows(named=True)])
+
+
 # --- the overview ---------------------------------------------------------------------------
 
 
@@ -464,5 +519,6 @@ def win_matrices(store: Store) -> tuple[pl.DataFrame, list[WinMatrix]]:
 
 
 __all__ = ["PER_PAGE", "REF_ROLES", "SORTS", "TIES", "PairPage", "PairQuery", "PairView",
-           "PromptAcross", "TextIndex", "WinMatrix", "failed_page", "pair_page", "pair_view",
-           "prompt_across", "snapshots_and_checkpoints", "sources", "win_matrices"]
+           "PromptAcross", "QuestionAcross", "TextIndex", "WinMatrix", "eval_questions",
+           "failed_page", "pair_page", "pair_view", "prompt_across", "question_across",
+           "snapshots_and_checkpoints", "sources", "win_matrices"]

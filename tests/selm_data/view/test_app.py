@@ -274,3 +274,19 @@ def test_the_command_serves_on_loopback_and_warns_for_another_host(built):
     _, _, out = _serve(["--store", str(built.store.root), "--port", str(port),
                         "--host", "0.0.0.0"], port)
     assert "warning: --host 0.0.0.0 serves the store to every machine" in out
+
+
+def test_an_evaluation_question_across_policies(client, built):
+    answers = built.store.scan("eval_answers").collect()
+    question = answers.row(0, named=True)
+    html = client.get("/compare").text
+    href = f'/question?set={question["prompt_set"]}&amp;id={question["question_id"]}'
+    assert href in html
+    page = client.get(href.replace("&amp;", "&")).text
+    theirs = answers.filter(pl.col("question_id") == question["question_id"])
+    assert sorted(theirs["iteration"].to_list()) == [0, 1]
+    for text in theirs["text"].to_list():
+        assert text in page
+    assert 'id="policy-base"' in page and 'id="policy-iter1"' in page
+    assert f'href="/lineage/{built.checkpoint_id}"' in page  # iter1's checkpoint
+    assert "<td>base</td><td>iter1</td>" in page or "<td>iter1</td><td>base</td>" in page

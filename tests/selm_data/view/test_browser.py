@@ -220,3 +220,10 @@ def test_compare_two_iterations(server, browser, built):
     overlap = browser.find_element(by.ID, "overlap").text
     assert "prompts 12 3 1" in overlap  # one prompt was built in both iterations
     _screenshot(browser, "compare")
+    # An evaluation question: what the base policy and iteration 1's checkpoint answered.
+    _go(browser, browser.find_element(by.CSS_SELECTOR, "a.question-link"))
+    question = browser.current_url.rsplit("id=", 1)[1]
+    want = (built.store.scan("eval_answers").filter(pl.col("question_id") == question)
+            .sort("iteration").collect())
+    for label, text in zip(("base", "iter1"), want["text"].to_list(), strict=True):
+        assert text in browser.find_element(by.ID, f"policy-{label}").text
