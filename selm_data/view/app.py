@@ -21,9 +21,8 @@ from urllib.parse import urlencode
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -76,6 +75,34 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class HostCheck:
+    """Answers only requests whose Host header names an allowed host ("*": any), so that a web
+    page elsewhere cannot read the store by pointing its own DNS name at 127.0.0.1 (DNS
+    rebinding). Starlette's TrustedHostMiddleware cuts "[::1]:8765" at the first colon; this
+    reads an IPv6 literal whole."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.allowed = set(allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "*" not in self.allowed:
+            headers = dict(scope["headers"])
+            name = host_name(headers.get(b"host", b"").decode("latin-1"))
+            if name not in self.allowed:
+                await PlainTextResponse("Invalid host header", status_code=400)(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port: "[::1]:8765" -> "[::1]"."""
+    if header.startswith("["):
+        return header[:header.find("]") + 1] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class BadRequest(SelmError):
@@ -307,7 +334,7 @@ def make_app(store: Store, *, allowed_hosts: list[str] | None = None) -> Starlet
                         name="static"))
     return Starlette(routes=routes, middleware=[
         Middleware(SecurityHeaders),
-        Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_NAMES),
+        Middleware(HostCheck, allowed=allowed_hosts or LOOPBACK_NAMES),
     ])
 
 
@@ -329,4 +356,4 @@ def serve(store: Store, *, host: str = "127.0.0.1", port: int = 8765,
                 log_level="warning")
 
 
-__all__ = ["HEADERS", "LOOPBACK_NAMES", "is_loopback", "make_app", "serve"]
+__all__ = ["HEADERS", "LOOPBACK_NAMES", "host_name", "is_loopback", "make_app", "serve"]

@@ -71,9 +71,13 @@ def test_a_host_name_other_than_loopback_is_refused(built):
     """A page elsewhere that rebinds its DNS name to 127.0.0.1 cannot read the store."""
     assert TestClient(view_app.make_app(built.store), base_url="http://evil.example").get(
         "/").status_code == 400
-    for host in ("127.0.0.1", "localhost"):
+    for host in ("127.0.0.1", "localhost", "[::1]"):
         assert TestClient(view_app.make_app(built.store), base_url=f"http://{host}:8765").get(
             "/").status_code == 200
+    assert TestClient(view_app.make_app(built.store), base_url="http://127.0.0.1.evil.example"
+                      ).get("/").status_code == 400
+    assert [view_app.host_name(h) for h in ("[::1]:8765", "[::1]", "localhost:1", "a.b")] == [
+        "[::1]", "[::1]", "localhost", "a.b"]
 
 
 def test_planted_markup_is_escaped_on_every_page(client, built):
