@@ -133,9 +133,10 @@ def run_once(k: int, n: int, args: argparse.Namespace, root: Path) -> dict:
     rows = [json.loads(line) for line in ROWS.read_text().splitlines()]
     write_source(rows, n, source)
     open_store(store, create=True, run=RunInfo.new("bench scale"))
-    os.environ["HF_DATASETS_CACHE"] = str(folder / "hf")
-    # Warm: `datasets` converts a new file once (into its cache) and reads it after; a build
-    # of iteration 2 or later, or after `sources check`, finds it converted.
+    # Warm: `datasets` converts a new file once (into its cache, HF_DATASETS_CACHE set by
+    # `main` before `datasets` is imported, so the ranks find what this process wrote) and
+    # reads it after; a build of iteration 2 or later, or after `sources check`, finds it
+    # converted.
     load_source(make_manifest(source, store, 32).source)
     env_base = {**os.environ, "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
@@ -186,6 +187,8 @@ def main() -> None:
         worker(args)
         return
     root = Path(tempfile.mkdtemp(prefix="selm-scale-", dir=args.workdir))
+    # Read by `datasets` once, at import: set before it is imported here or in any rank.
+    os.environ["HF_DATASETS_CACHE"] = str(root / "hf")
     print(f"{os.cpu_count()} cores; generator {args.gen_ms} ms/prompt, ranker {args.rank_ms} "
           f"ms/prompt (sleeping), commit_every {args.commit_every}, {args.repeats} repeats",
           flush=True)

@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,23 +17,41 @@ import polars as pl
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from selm_data.builder.iteration import BuildReport, build
-from selm_data.builder.ranks import build_rank, merge, shard_for, shard_progress, wait_for_ranks
+from selm_data.builder.ranks import (
+    ShardRecord,
+    build_rank,
+    merge,
+    run_rank,
+    shard_for,
+    shard_progress,
+    wait_for_job,
+    wait_for_ranks,
+)
 from selm_data.errors import SelmError
 from selm_data.generation.launcher import Launch, bind_gpus, detect, without_local_rank
 from selm_data.manifest import Manifest, SourceSpec, find_manifest, load_manifest
-from selm_data.publish.snapshot import POLICY_RULE, Filters, export
+from selm_data.publish.snapshot import DEFAULT_LAYOUT, POLICY_RULE, Filters, export, readers
 from selm_data.sources.dataset import LAYOUTS, load_source
 from selm_data.store import maintenance
+from selm_data.store.progress import quiet_libraries
 from selm_data.store.schema import TABLES
 from selm_data.store.store import RunInfo, Store, command_line, open_store
 from selm_data.verify import verify
 
 if TYPE_CHECKING:
-    from selm_data.evaluate.answers import EvalPolicy
+    from selm_data.evaluate.answers import EvalPolicy, EvalReport
 
 app = typer.Typer(
     help="Build, inspect and check the preference data of online iterative alignment.",
@@ -57,6 +76,21 @@ StoreOpt = Annotated[  # str, not Path: Path("s3://b/x") is the local folder "s3
     typer.Option("--store", "-s", help="Store folder or URI (s3://bucket/path, gs://, az://). "
                  "Default: the manifest's `store`."),
 ]
+
+class _Rate(ProgressColumn):
+    """Items a second, for the bars of build and eval (rich's own speed column counts bytes)."""
+
+    def render(self, task: Task) -> str:
+        return "" if task.speed is None else f"{task.speed:.2f}/s"
+
+
+def _progress() -> Progress:
+    """A bar with count, rate, elapsed time and ETA. rich draws it live on a terminal only;
+    in a log it leaves the final state once."""
+    return Progress("[progress.description]{task.description}", BarColumn(),
+                    MofNCompleteColumn(), _Rate(), TimeElapsedColumn(), "eta",
+                    TimeRemainingColumn(), console=console)
+
 
 def _resolve(store: str | None, manifest: Path | None) -> tuple[str, Manifest | None]:
     """The store to use, and the manifest when one was given or found."""
@@ -95,13 +129,22 @@ def status(manifest: ManifestOpt = None, store: StoreOpt = None) -> None:
         tables.add_row(name, str(s.version(name)), str(rows))
     console.print(tables)
     console.print(_iterations_table(s))
+    snapshots = (s.scan("snapshots").sort("created_at")
+                 .select("name", "iteration", "row_count", "created_at").collect())
+    if snapshots.height:
+        listed = Table(title=f"snapshots (train on one: selm-train train --snapshot {s.uri}@NAME)")
+        for col in ("name", "iteration", "pairs", "created"):
+            listed.add_column(col)
+        for name, it, rows, created in snapshots.iter_rows():
+            listed.add_row(name, str(it), str(rows), created.strftime("%Y-%m-%d %H:%M:%S"))
+        console.print(listed)
     shards = shard_progress(s)
     if shards.height:
         progress = Table(title="build shards (leases and progress)")
         for col in shards.columns:
             progress.add_column(col, justify="right" if shards[col].dtype.is_integer() else "left")
-        for row in shards.iter_rows():
-            progress.add_row(*(str(v) for v in row))
+        for row in shards.iter_rows():  # None: the shard's source cannot be read here
+            progress.add_row(*("?" if v is None else str(v) for v in row))
         console.print(progress)
     held = [(h, st) for h, st in s.leases() if not h.work.startswith("build/")]
     if held:
@@ -254,8 +297,9 @@ def export_cmd(
     min_margin: Annotated[float | None, typer.Option(
         help="Keep pairs whose score margin is at least this.")] = None,
     layout: Annotated[str, typer.Option(
-        help="ultrafeedback (the Hub's UltraFeedback-binarized columns; alignment-handbook) "
-        "or trl (TRL's DPOTrainer).")] = "ultrafeedback",
+        help="trl (TRL's DPOTrainer reads it; the default) or ultrafeedback (the Hub's "
+        "UltraFeedback-binarized columns, for alignment-handbook recipes). selm-train reads "
+        "both.")] = DEFAULT_LAYOUT,
 ) -> None:
     """Freeze an iteration's pairs as an immutable snapshot that datasets, polars and
     selm-train read."""
@@ -264,12 +308,14 @@ def export_cmd(
                   layout=layout)  # type: ignore[arg-type]  # export checks it
     verb = "exported" if snap.created else "unchanged: already exported as"
     policy = " (each with SAIL's policy pair)" if snap.policy_pair else ""
-    console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs{policy}, content hash "
-                  f"{snap.content_hash[:12]}, {snap.path}", highlight=False, soft_wrap=True)
-    data = f"{snap.path}/data/*.parquet"
-    console.print(f'load it: datasets.load_dataset("parquet", data_files="{data}", '
-                  f'split="train")  or  pl.read_parquet("{data}")', highlight=False,
-                  soft_wrap=True)
+    console.print(f"{verb} [bold]{snap.name}[/]: {snap.row_count} pairs{policy}, layout "
+                  f"{snap.layout}, content hash {snap.content_hash[:12]}, {snap.path}",
+                  highlight=False, soft_wrap=True)
+    console.print("read it with:", highlight=False)
+    for reader in readers(snap, s.uri):
+        mark = "" if reader.reads else "[yellow]not this layout:[/] "
+        console.print(f"  {reader.name:<20} {mark}{escape(reader.line)}", highlight=False,
+                      soft_wrap=True)
 
 
 @app.command("push")
@@ -411,7 +457,7 @@ def build_cmd(
     loaded = load_manifest(find_manifest(manifest))  # build needs the recipe, even with --store
     launch = detect()
     mine = shard_for(shard, launch)
-    bind_gpus(launch, _gpus_per_rank(loaded))
+    bind_gpus(launch, loaded.generation.gpus_per_rank())
     path = store or loaded.store
     s = open_store(path, create=True, run=_run_info(loaded))
 
@@ -442,12 +488,6 @@ def build_cmd(
                         + ". The other shards are built; rerun the same command to finish")
 
 
-def _gpus_per_rank(manifest: Manifest) -> int:
-    """A rank's GPUs: the policy's tensor-parallel block under vLLM, else one."""
-    g = manifest.generation
-    return g.vllm.tensor_parallel_size if g.backend == "vllm" else 1
-
-
 def _say(launch: Launch) -> Callable[[str], None]:
     return lambda text: console.print(f"{launch.prefix()} {text}", highlight=False,
                                       soft_wrap=True, markup=False)
@@ -461,10 +501,26 @@ def _lines(say: Callable[[str], None], iteration: int) -> Callable[[str, int, in
     return progress
 
 
+def _eval_summary(report: EvalReport) -> dict:
+    """What a rank's eval record keeps: its counts and failures."""
+    return {"questions": report.questions, "already": report.already,
+            "generated": report.generated, "failed": report.failed,
+            "complete": report.complete}
+
+
+def _merged_eval(mine: EvalReport, records: list[ShardRecord], questions: int) -> EvalReport:
+    """Every rank's counts in one report (the shards' questions are disjoint)."""
+    parts = [r.report for r in records if r.report is not None]
+    return replace(
+        mine, questions=questions, already=sum(p["already"] for p in parts),
+        generated=sum(p["generated"] for p in parts),
+        failed=[tuple(f) for p in parts for f in p["failed"]],
+        complete=sum(p["complete"] for p in parts))
+
+
 @contextmanager
 def _bar(title: str) -> Iterator[Callable[[str, int, int], None]]:
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+    with _progress() as bar:
         task = bar.add_task(title, total=None)
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -514,8 +570,11 @@ def _print_examples(s: Store, iteration: int, k: int = 2) -> None:
     ).collect().row(0, named=True)
     if not stats["n"]:
         return
-    console.print(f"margins: mean {stats['mean']:.3f}, min {stats['min']:.3f}, "
-                  f"max {stats['max']:.3f}", highlight=False)
+    if stats["mean"] is None:  # a dataset's own pairs without score columns (HH-RLHF, ...)
+        console.print("margins: none (the pairs have no scores)", highlight=False)
+    else:
+        console.print(f"margins: mean {stats['mean']:.3f}, min {stats['min']:.3f}, "
+                      f"max {stats['max']:.3f}", highlight=False)
     texts = s.scan("responses").select("response_id", "text")
     prompts = s.scan("prompts").select("prompt_id", "messages")
     examples = (
@@ -527,10 +586,15 @@ def _print_examples(s: Store, iteration: int, k: int = 2) -> None:
     for row in examples.iter_rows(named=True):
         prompt = row["messages"][-1]["content"]
         console.print(f"\n[bold]prompt[/]: {_short(prompt)}")
-        console.print(f"[green]chosen[/] ({row['chosen_origin']}, {row['chosen_score']:.3f}): "
-                      f"{_short(row['chosen'])}", highlight=False)
+        console.print(f"[green]chosen[/] ({row['chosen_origin']}, {_score(row['chosen_score'])}):"
+                      f" {_short(row['chosen'])}", highlight=False)
         console.print(f"[red]rejected[/] ({row['rejected_origin']}, "
-                      f"{row['rejected_score']:.3f}): {_short(row['rejected'])}", highlight=False)
+                      f"{_score(row['rejected_score'])}): {_short(row['rejected'])}",
+                      highlight=False)
+
+
+def _score(value: float | None) -> str:
+    return "no score" if value is None else f"{value:.3f}"
 
 
 def _short(text: str | None, limit: int = 160) -> str:
@@ -581,34 +645,55 @@ def eval_cmd(
     """Generate a policy's answers to AlpacaEval, MT-Bench or a prompt file (greedy), store
     them with their lineage, and write them as AlpacaEval's model_outputs.json or FastChat's
     answer jsonl for the official judges. Rerun to resume: stored answers are kept. Under a
-    launcher (torchrun, srun, mpirun) rank 0 answers on its GPU and the other ranks exit."""
+    launcher (torchrun, srun, mpirun) each rank answers every k-th question on its GPU and
+    rank 0 writes the files once every rank is done."""
     from selm_data.evaluate.answers import (
         check_name,
         default_name,
         eval_policy,
+        eval_work,
         evaluate,
         load_prompt_set,
         write_answer_files,
     )
 
     launch = detect()
-    if launch.rank != 0:  # an evaluation set (805 or 80 questions) is one GPU's work
-        _say(launch)("eval runs on rank 0 only; this rank has nothing to do")
-        return
     loaded, s = _loaded(manifest, store, create=True)  # adds the eval tables to older stores
-    bind_gpus(launch, _gpus_per_rank(loaded))
+    bind_gpus(launch, loaded.generation.gpus_per_rank())
     prompt_set = load_prompt_set(prompts)
     target = eval_policy(s, loaded, iteration=iteration, policy=policy)
     name = name or default_name(loaded, target)
     check_name(name)
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task(f"{target.label} on {prompt_set.name}", total=None)
-        report = evaluate(s, loaded, target, prompt_set, limit=limit, max_tokens=max_tokens,
-                          backend=backend,
-                          progress=lambda stage, done, total: bar.update(
-                              task, completed=done, total=total,
-                              description=f"{target.label} on {prompt_set.name}: {stage}"))
+    mine = shard_for(None, launch)
+
+    def run(progress: Callable[[str, int, int], None]) -> EvalReport:
+        return evaluate(s, loaded, target, prompt_set, limit=limit, max_tokens=max_tokens,
+                        backend=backend, progress=progress, shard=mine)
+
+    title = f"{target.label} on {prompt_set.name}"
+    if not launch.launched or launch.world == 1:
+        with _bar(title) as progress:
+            report = run(progress)
+    else:
+        say, job = _say(launch), eval_work(prompt_set, target)
+        if launch.rank == 0:  # only rank 0 draws a bar; the others write lines
+            with _bar(f"{escape(launch.prefix())} {title}") as progress:
+                report = run_rank(s, job, mine, launch, lambda: run(progress), _eval_summary)
+        else:
+            report = run_rank(s, job, mine, launch, lambda: run(
+                lambda stage, done, total: say(f"{title}: {stage} {done}/{total}")),
+                _eval_summary)
+        say(f"shard {mine} done: {report.questions} questions, {report.generated} answers "
+            f"generated, {len(report.failed)} failed")
+        if launch.rank != 0:
+            return
+        records = wait_for_job(s, job, launch, say=say)
+        report = _merged_eval(report, records, len(prompt_set.questions[:limit]))
+        if any(r.error is not None for r in records):
+            raise SelmError("; ".join(f"shard {r.shard} (rank {r.rank}, host {r.host}): "
+                                      f"{r.error}" for r in records if r.error is not None)
+                            + ". The other shards' answers are stored; rerun the same command "
+                            "to answer the rest and write the files")
     files = []
     if report.complete:
         # the judges read local files: beside a local store, else ./evals here
@@ -644,9 +729,16 @@ def eval_cmd(
         console.print(f"judge it: alpaca_eval --model_outputs {files[0]}  (needs OPENAI_API_KEY)",
                       highlight=False, soft_wrap=True)
     elif files:
-        console.print(f"judge it: copy {files[0]} into FastChat's fastchat/llm_judge/data/"
-                      f"mt_bench/model_answer/, then python gen_judgment.py --model-list "
-                      f"{files[0].stem}", highlight=False, soft_wrap=True)
+        console.print(f"judge it with FastChat (OPENAI_API_KEY): its gen_judgment.py reads "
+                      f"data/mt_bench/model_answer/{files[0].name} relative to where it runs: "
+                      "in a source checkout, copy the file into fastchat/llm_judge/data/"
+                      "mt_bench/model_answer/ and run python gen_judgment.py --model-list "
+                      f"{files[0].stem} there; with pip install 'fschat[llm_judge]', eval with "
+                      "--out data and run python -m fastchat.llm_judge.gen_judgment "
+                      f"--model-list {files[0].stem} beside data/ (it also needs FastChat's "
+                      "data/judge_prompts.jsonl and data/mt_bench/question.jsonl and "
+                      "reference_answer/gpt-4.jsonl: see docs/evaluation.md)",
+                      highlight=False, soft_wrap=True)
 
 
 def _policies(s: Store, loaded: Manifest, iters: str | None,
@@ -742,20 +834,36 @@ def winrates_cmd(
 
 @sources_app.command("check")
 def sources_check(
-    source: Annotated[str, typer.Argument(help="A local jsonl/json/parquet file or a Hub id.")],
+    source: Annotated[str, typer.Argument(help="A local file, folder or glob of jsonl/json/"
+                                          "parquet files (jsonl/json also .gz, .bz2, .xz, "
+                                          ".zst), or a Hub id.")],
     split: Annotated[str, typer.Option(help="Split to read.")] = "train",
     revision: Annotated[str | None, typer.Option(help="Hub revision (commit or tag).")] = None,
+    config: Annotated[str | None, typer.Option(help="Hub config name (as source.config).")
+                      ] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="A folder of the Hub repo, e.g. harmless-base (as source.data_dir).")] = None,
+    data_files: Annotated[list[str] | None, typer.Option(
+        help="Files of the Hub repo, a pattern (as source.data_files); repeatable.")] = None,
     layout: Annotated[
         str, typer.Option(help=f"auto, or one of {', '.join(LAYOUTS)}.")
     ] = "auto",
     limit: Annotated[int | None, typer.Option(help="Read only the first N rows.")] = None,
 ) -> None:
-    """Detect a dataset's layout; count usable, duplicate and quarantined rows. Builds nothing."""
-    where = {"path": source} if Path(source).exists() else {"hub": source}
+    """Detect a dataset's layout; count usable, duplicate and quarantined rows. Builds nothing.
+    SOURCE is read as source.path when it names local files and no Hub option is given, else
+    as source.hub (a local folder laid out as a Hub repo works too)."""
+    hub_options = {"revision": revision, "config": config, "data_dir": data_dir,
+                   "data_files": data_files}
+    local = Path(source).exists() or any(ch in source for ch in "*?[")
+    if local and not any(v is not None for v in hub_options.values()):
+        where: dict[str, object] = {"path": source}
+    else:
+        where = {"hub": source, **hub_options}
     try:
         # model_validate: `layout` is the user's text, checked against the Literal here
         spec = SourceSpec.model_validate(
-            {**where, "split": split, "revision": revision, "layout": layout, "limit": limit})
+            {**where, "split": split, "layout": layout, "limit": limit})
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise SelmError(f"invalid source options: {e}") from e
     loaded = load_source(spec)
@@ -774,6 +882,7 @@ def sources_check(
 
 
 def main() -> None:
+    quiet_libraries()  # before anything imports huggingface_hub
     sys.argv[1:] = without_local_rank(sys.argv[1:])
     try:
         app()

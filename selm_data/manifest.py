@@ -47,14 +47,25 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DataFiles = str | list[str] | dict[str, str | list[str]]
+
+
 class SourceSpec(_Spec):
-    """A preference dataset: a Hub id, a local jsonl/json/parquet file, or a bundled file."""
+    """A preference dataset: a Hub id (or a local folder laid out as a Hub repo), a local
+    file, folder or glob of jsonl/json/parquet files (jsonl/json may be .gz, .bz2, .xz or .zst),
+    or a bundled file."""
 
     hub: str | None = None
-    path: str | None = None
+    path: str | None = None  # a file, a folder of shards, or a glob ("shards/*.parquet")
     bundled: str | None = None  # a file name under selm_data/data
     split: str = "train"
     revision: str | None = None  # Hub commit or tag; pin it for reproducible lineage
+    # As `datasets.load_dataset` takes them, for Hub sources only: the config name (`name=`),
+    # a folder of the repo (HH-RLHF's `harmless-base`), or files of the repo (a pattern, a list,
+    # or a {split: files} mapping).
+    config: str | None = None
+    data_dir: str | None = None
+    data_files: DataFiles | None = None
     layout: Literal["auto", "ultrafeedback", "flat", "conversation", "sharegpt", "hh"] = "auto"
     limit: PositiveInt | None = None  # keep the first N rows (demos, smoke tests)
 
@@ -68,8 +79,10 @@ class SourceSpec(_Spec):
         shipped = sorted(p.name for p in BUNDLED_DATA.glob("*.jsonl"))
         if self.bundled is not None and self.bundled not in shipped:
             raise ValueError(f"no bundled dataset {self.bundled!r}; shipped: {shipped}")
-        if self.revision is not None and self.hub is None:
-            raise ValueError("revision applies to a Hub dataset (hub), not a local file")
+        for key in ("revision", "config", "data_dir", "data_files"):
+            if getattr(self, key) is not None and self.hub is None:
+                raise ValueError(f"{key} applies to a Hub dataset (hub), not a local file; a "
+                                 "local folder laid out as a Hub repo can be given as hub too")
         return self
 
 
@@ -134,6 +147,10 @@ class GenerationSpec(_Spec):
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError("top_k is -1 (off) or a positive number")
         return self
+
+    def gpus_per_rank(self) -> int:
+        """A build rank's GPUs: the policy's tensor-parallel block under vLLM, else one."""
+        return self.vllm.tensor_parallel_size if self.backend == "vllm" else 1
 
 
 class RankerSpec(_Spec):

@@ -20,6 +20,7 @@ from rich.table import Table
 from selm_data.errors import SelmError
 from selm_data.generation.launcher import without_local_rank
 from selm_data.manifest import find_manifest, load_manifest
+from selm_data.store.progress import quiet_libraries
 
 app = typer.Typer(
     help="Train a policy on selm snapshots with DPO, IPO or SELM.",
@@ -147,6 +148,7 @@ def loop_cmd(
 
 
 def main() -> None:
+    quiet_libraries()  # before anything imports huggingface_hub
     sys.argv[1:] = without_local_rank(sys.argv[1:])
     try:
         app()

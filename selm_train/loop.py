@@ -2,8 +2,9 @@
 
 For t = 1..T: build iteration t's pairs (generate with the policy of t, rank, pair), export
 them as a snapshot, train the policy on it, register the checkpoint, which is the policy of
-t + 1. Each phase is its own process (`selm-data build`, `selm-data export`, then `selm-train
-train` under the manifest's launcher, `torchrun` or `deepspeed`, on `train.gpus` GPUs or all of
+t + 1. Each phase is its own process (`selm-data build`, under `torchrun` with one rank per GPU
+block when there are several, `selm-data export`, then `selm-train train` under the manifest's
+launcher, `torchrun` or `deepspeed`, on `train.gpus` GPUs or all of
 the machine's), so every phase starts with the GPUs free: vLLM refuses to start without the
 memory it was promised, and a DeepSpeed engine is not freed by going out of scope. It also
 gives training its process group of N processes, where ZeRO-3 shards and offload mean
@@ -69,9 +70,9 @@ def run_loop(manifest_path: Path, *, iterations: int | None = None,
             say(f"iteration {t}: done before (checkpoint {registered['path'][-1]})")
             done.append(IterationDone(t, False, None, registered["path"][-1], 0))
             continue
-        say(f"iteration {t}: build")
-        _phase("build", t, [sys.executable, *SELM_DATA, "build", "--iter", str(t),
-                            "--manifest", str(manifest_path)], say)
+        build = build_command(manifest, t, manifest_path)
+        say(f"iteration {t}: build ({_ranks_said(build)})")
+        _phase("build", t, build, say)
         say(f"iteration {t}: export")
         _phase("export", t, [sys.executable, *SELM_DATA, "export", "--iter", str(t),
                              "--manifest", str(manifest_path)], say)
@@ -93,6 +94,24 @@ def run_loop(manifest_path: Path, *, iterations: int | None = None,
         steps = sum(1 for line in lines if line.startswith('{"') and '"step"' in line)
         done.append(IterationDone(t, True, name, str(folder), steps))
     return done
+
+
+def build_command(manifest: Manifest, iteration: int, manifest_path: Path) -> list[str]:
+    """The build phase on the GPUs training will use: one rank per GPU block (a GPU, or
+    `generation.vllm.tensor_parallel_size` of them) under `torchrun`, each building its shard
+    (`selm_data.builder.ranks`); one plain process on a machine without GPUs or with one block."""
+    args = ["build", "--iter", str(iteration), "--manifest", str(manifest_path)]
+    gpus = _processes(manifest.train_for(iteration))
+    ranks = max(1, gpus // manifest.generation.gpus_per_rank())
+    if ranks == 1:
+        return [sys.executable, *SELM_DATA, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={ranks}", "-m", "selm_data.cli", *args]
+
+
+def _ranks_said(command: Sequence[str]) -> str:
+    ranks = next((a.split("=", 1)[1] for a in command if a.startswith("--nproc_per_node=")), "1")
+    return f"torchrun, {ranks} ranks" if ranks != "1" else "1 process"
 
 
 def launcher_command(spec: TrainSpec) -> list[str]:

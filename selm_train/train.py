@@ -33,6 +33,7 @@ import torch
 from selm_data.errors import SelmError
 from selm_data.generation.models import ResolvedModel, resolve_policy
 from selm_data.manifest import LoraSpec, TrainSpec
+from selm_data.store.progress import steps
 from selm_data.store.schema import canonical_json
 from selm_data.store.store import open_store
 from selm_train.checkpoint import (
@@ -398,9 +399,15 @@ def reference_logps(model: Any, examples: Sequence[TokenizedExample], snap: Snap
         if not parts[dist.rank].is_file():
             mine = examples[dist.rank::dist.world_size]
             batch_size = spec.micro_batch_size * 2
-            values = _compute_reference(model, mine, pad, with_ref, batch_size)
-            if snap.policy_pair:  # (chosen, rejected, y_ref or nan, policy chosen, rejected)
-                values = _with_policy_pairs(model, mine, values, pad, batch_size)
+            policy = sum(ex.policy_chosen_ids is not None for ex in mine) if snap.policy_pair \
+                else 0
+            share = f" (rank 0's 1/{dist.world_size})" if dist.world_size > 1 else ""
+            with steps(f"reference log-probs{share}", len(mine) + policy, unit="pairs",
+                       show=dist.rank == 0) as bar:
+                values = _compute_reference(model, mine, pad, with_ref, batch_size, bar.update)
+                if snap.policy_pair:  # (chosen, rejected, y_ref or nan, policy chosen, rejected)
+                    values = _with_policy_pairs(model, mine, values, pad, batch_size,
+                                                bar.update)
             _write_parquet(parts[dist.rank], pl.DataFrame(
                 [{"pair_id": k, "logps": list(v), "rank": dist.rank} for k, v in values.items()],
                 schema={"pair_id": pl.String, "logps": pl.List(pl.Float64), "rank": pl.Int64}))
@@ -434,7 +441,9 @@ def _write_parquet(path: Path, frame: pl.DataFrame) -> None:
 
 @torch.no_grad()
 def _compute_reference(model: Any, examples: Sequence[TokenizedExample], pad: int,
-                       with_ref: bool, batch_size: int) -> dict[str, tuple[float, ...]]:
+                       with_ref: bool, batch_size: int,
+                       advance: Callable[[int], None] = lambda n: None,
+                       ) -> dict[str, tuple[float, ...]]:
     was_training = model.training
     model.eval()
     out = {}
@@ -444,16 +453,18 @@ def _compute_reference(model: Any, examples: Sequence[TokenizedExample], pad: in
         parts = batch.split(_forward(model, batch).double())
         for i, pair_id in enumerate(batch.pair_ids):
             out[pair_id] = tuple(float(p[i]) for p in parts)
+        advance(len(batch.pair_ids))
     model.train(was_training)
     return out
 
 
 def _with_policy_pairs(model: Any, examples: Sequence[TokenizedExample],
-                       values: dict[str, tuple[float, ...]], pad: int,
-                       batch_size: int) -> dict[str, tuple[float, ...]]:
+                       values: dict[str, tuple[float, ...]], pad: int, batch_size: int,
+                       advance: Callable[[int], None] = lambda n: None,
+                       ) -> dict[str, tuple[float, ...]]:
     """`values` widened to (chosen, rejected, y_ref, policy chosen, policy rejected)."""
     views = [_sail_view(ex, ROUTE_PR)[0] for ex in examples if ex.policy_chosen_ids is not None]
-    policy = _compute_reference(model, views, pad, False, batch_size)
+    policy = _compute_reference(model, views, pad, False, batch_size, advance)
     nan = float("nan")
     return {p: (v[0], v[1], v[2] if len(v) > 2 else nan, *policy.get(p, (nan, nan)))
             for p, v in values.items()}

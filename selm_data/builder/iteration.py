@@ -35,10 +35,10 @@ uninterrupted one, so its pairs are identical.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import polars as pl
 
@@ -64,6 +64,7 @@ from selm_data.store.schema import PROMPTS, RESPONSES, content_id, row_id
 from selm_data.store.store import Store
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,13 @@ class Shard:
             raise SelmError(f"--shard {text}: i must be in 0..k-1")
         return cls(i, k)
 
-    def holds(self, prompt_id: str) -> bool:
-        digest = hashlib.sha256(prompt_id.encode()).hexdigest()
-        return int(digest[:8], 16) % self.count == self.index
+    def take(self, items: Sequence[T]) -> list[T]:
+        """This shard's items of a portion in source order: every k-th from the i-th, as
+        `datasets.Dataset.shard(k, i, contiguous=False)` cuts. Shard sizes differ by at most
+        one, so k ranks finish together; a hash of the prompt id (binomial sizes) left the
+        largest of 8 shards of 1,024 prompts ~17% over the mean, and every rank waited for it.
+        """
+        return list(items[self.index::self.count])
 
     def __str__(self) -> str:
         return f"{self.index}-of-{self.count}"
@@ -131,8 +136,8 @@ def build(
     `progress` ("prompts", done, total) as pairs are."""
     spec = manifest.iteration(iteration)
     loaded = load_source(manifest.source)
-    portion = _portion(manifest, loaded, iteration)
-    mine = [(pid, ex) for pid, ex in portion if shard.holds(pid)]
+    portion = portion_of(manifest, loaded, iteration)
+    mine = shard.take(portion)
     with store.claim(f"build/iter={iteration}/shard={shard}"):
         _store_inputs(store, loaded, mine, iteration)
         if spec.pairs == "original":
@@ -149,7 +154,8 @@ def build(
         return report
 
 
-def _portion(manifest: Manifest, loaded: LoadedSource, t: int) -> list[tuple[str, Example]]:
+def portion_of(manifest: Manifest, loaded: LoadedSource, t: int) -> list[tuple[str, Example]]:
+    """Iteration t's prompts, (prompt id, example) in source order: what shards are cut from."""
     ids = [row_id(PROMPTS, {"messages": ex.messages}) for ex in loaded.examples]
     portions = assign_portions(ids, manifest.num_portions, manifest.portions.split)
     return [(pid, ex) for pid, ex, p in zip(ids, loaded.examples, portions, strict=True) if p == t]
@@ -171,9 +177,19 @@ def policy_for(store: Store, manifest: Manifest, iteration: int) -> str:
         raise SelmError(
             f"iteration {iteration} generates with the policy trained in iteration "
             f"{iteration - 1}, and the store has no checkpoint for it. Train it with "
-            f"`selm-train --iter {iteration - 1}`, or pass --policy PATH to use another model."
+            f"{train_hint(store, iteration - 1)}, or pass --policy PATH to use another model."
         )
     return path
+
+
+def train_hint(store: Store, iteration: int) -> str:
+    """The command that trains `iteration`: on its latest snapshot when there is one."""
+    snapshots = (store.scan("snapshots").filter(pl.col("iteration") == iteration)
+                 .sort("created_at").select("name").collect())
+    if snapshots.height:
+        return f"`selm-train train --snapshot {store.uri}@{snapshots['name'][-1]}`"
+    return (f"`selm-data export --iter {iteration}` and then `selm-train train --snapshot "
+            f"{store.uri}@NAME` (NAME: the snapshot export prints), or `selm-train loop`")
 
 
 def checkpoint_path(store: Store, iteration: int) -> str | None:

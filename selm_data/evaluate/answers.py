@@ -47,7 +47,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import ValidationError
 
-from selm_data.builder.iteration import checkpoint_path
+from selm_data.builder.iteration import Shard, checkpoint_path, train_hint
 from selm_data.errors import SelmError
 from selm_data.generation.backends import (
     GenerationRequest,
@@ -168,6 +168,9 @@ def _question(path: Path, i: int, record: dict[str, Any], layout: Layout) -> Que
         turns, qid, category = [record["instruction"]], record.get("id", i), record.get("dataset")
     if not isinstance(qid, int | str) or isinstance(qid, bool):
         raise SelmError(f"{path}, record {i}: the question id must be an integer or a string")
+    if layout == "mt_bench" and not isinstance(turns, list):  # a string would be its letters
+        raise SelmError(f"{path}, record {i}: `turns` must be a list of strings, not "
+                        f"{type(turns).__name__}")
     if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise SelmError(f"{path}, record {i}: every turn must be a non-empty string")
     return Question(qid, tuple(turns), None if category is None else str(category))
@@ -202,9 +205,8 @@ def eval_policy(store: Store, manifest: Manifest, *, iteration: int | None = Non
         path = checkpoint_path(store, iteration)
         if path is None:
             raise SelmError(
-                f"the store has no checkpoint for iteration {iteration}: train it "
-                f"(`selm-train train --iter {iteration}` or `selm-train loop`), or evaluate a "
-                "folder with --policy PATH")
+                f"the store has no checkpoint for iteration {iteration}: train it with "
+                f"{train_hint(store, iteration)}, or evaluate a folder with --policy PATH")
         model = resolve_policy(path)
     else:
         assert policy is not None
@@ -318,25 +320,32 @@ class EvalReport:
     files: list[Path] = field(default_factory=list)
 
 
+def eval_work(prompt_set: PromptSet, policy: EvalPolicy) -> str:
+    """The lease (and, under a launcher, the rank records' job) of one policy on one set."""
+    return f"eval/{prompt_set.name}-{prompt_set.hash[:12]}/{policy.model.fingerprint[:12]}"
+
+
 def evaluate(store: Store, manifest: Manifest, policy: EvalPolicy, prompt_set: PromptSet, *,
              limit: int | None = None, max_tokens: int | None = None,
              backend: str | None = None, generator: Generator | None = None,
-             progress: Progress | None = None) -> EvalReport:
+             progress: Progress | None = None, shard: Shard | None = None) -> EvalReport:
     """Generate and store the answers of `policy` to the first `limit` questions of
     `prompt_set` that the store lacks, turn by turn: each turn of all questions is one stream
     of the engine (turn 2 needs turn 1's answers), `manifest.commit_every` answers a commit
     (the unit a crash can lose). `generator` defaults to the manifest's backend (or
     `backend`) loaded with the policy and freed at the end (engine shut down, GPU memory
-    given back); one passed in is the caller's to reuse and close."""
+    given back); one passed in is the caller's to reuse and close. `shard` i/k answers every
+    k-th question from the i-th (a rank of k under a launcher), with both turns of each."""
     if limit is not None and limit < 1:
         raise SelmError(f"--limit must be at least 1, not {limit}")
-    questions = prompt_set.questions[:limit]
+    shard = shard or Shard(0, 1)
+    questions = shard.take(prompt_set.questions[:limit])
     sampling = eval_sampling(manifest, max_tokens)
     spec = _generation(manifest, backend)
     report = EvalReport(prompt_set, policy, sampling, len(questions))
     progress = progress or (lambda *_: None)
-    work = f"eval/{prompt_set.name}-{prompt_set.hash[:12]}/{policy.model.fingerprint[:12]}"
-    with store.claim(work):
+    work = eval_work(prompt_set, policy)
+    with store.claim(work if shard.count == 1 else f"{work}/shard={shard}"):
         answers = stored_answers(store, prompt_set, policy, sampling, questions)
         report.already = len(answers)
         owned = generator is None

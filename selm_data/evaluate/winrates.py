@@ -45,11 +45,13 @@ from selm_data.evaluate.answers import EvalPolicy, PromptSet, conversation, stor
 from selm_data.generation.backends import Sampling
 from selm_data.publish.plots import figure_class, save_png
 from selm_data.rankers.base import Ranker, RankRequest
+from selm_data.store.progress import steps
 from selm_data.store.schema import EVAL_COMPARISONS, row_id
 from selm_data.store.store import Store
 
 RESAMPLES = 2000
 CONFIDENCE = 0.95
+SCORE_CHUNK = 256  # requests per ranker call (see _score)
 L2 = 0.01  # 1 / C with sklearn's C = 100, the C AlpacaEval's logistic fits default to
 TURN = 1  # the turn compared: the one both policies answer from the same context
 
@@ -152,7 +154,15 @@ def _score(ranker: Ranker, prompt_set: PromptSet, a: EvalPolicy, b: EvalPolicy,
             assert messages is not None  # the first turn needs no earlier answer
             pair = [x["text"], y["text"]] if order == 0 else [y["text"], x["text"]]
             requests.append(RankRequest(messages, pair))
-    scores = ranker.score(requests)
+    scores = []
+    # In chunks, for progress only. SCORE_CHUNK is a multiple of the rankers' default batch (8),
+    # so each batch holds the same requests as in one call; another ranker.batch_size may
+    # group them otherwise, which moves a reward model's scores by float noise (~1e-6) only.
+    with steps(f"ranking {a.label} vs {b.label}", len(requests), unit="answers") as bar:
+        for start in range(0, len(requests), SCORE_CHUNK):
+            chunk = requests[start:start + SCORE_CHUNK]
+            scores.extend(ranker.score(chunk))
+            bar.update(len(chunk))
     n = len(items)
     rows, unscored = [], []
     for k, (q, x, y, x_is_b) in enumerate(items):

@@ -59,6 +59,23 @@ COLUMNS = {
     "policy_chosen_id": "`policy_chosen`'s response id in the store",
     "policy_rejected_id": "`policy_rejected`'s response id in the store",
 }
+# What the message columns hold in the trl layout (TRL's explicit prompt), where they differ.
+TRL_COLUMNS = {
+    "prompt": "the prompt turns (messages), TRL's explicit prompt",
+    "chosen": "the chosen response, one assistant message",
+    "rejected": "the rejected response, one assistant message",
+    "reference": "the policy's own response y_ref, one assistant message (SELM's term)",
+    "policy_chosen": "the policy sample the ranker scored higher (y_0 on a tie), one assistant "
+                     "message",
+    "policy_rejected": "the other policy sample, one assistant message",
+}
+LAYOUT_TEXT = {
+    "trl": "Layout `trl`: TRL's conversational format with an explicit prompt; TRL's "
+           "`DPOTrainer(..., train_dataset=pairs)` reads it as it is.",
+    "ultrafeedback": "Layout `ultrafeedback`: the columns of HuggingFaceH4/ultrafeedback_binarized,"
+                     " which alignment-handbook recipes read. TRL's DPOTrainer does not (a text "
+                     "`prompt` beside conversational answers): the `trl` layout is for it.",
+}
 # What the shared columns mean in a SAIL snapshot, where they differ from COLUMNS.
 SAIL_COLUMNS = {
     "reference": "null: SAIL has no y_ref (SELM's term)",
@@ -116,6 +133,15 @@ def _table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _margin_section(margin: dict[str, float | None]) -> list[str]:
+    """The margins' quantiles; a dataset's own pairs without score columns have none."""
+    if all(v is None for v in margin.values()):
+        return ["Margin: none, the pairs have no scores (the source dataset has no score "
+                "columns, so its pairs were kept as they are).\n"]
+    return ["Margin (chosen minus rejected score):\n",
+            _table(list(margin), [[_num(v) for v in margin.values()]]) + "\n"]
+
+
 def _num(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
@@ -127,7 +153,8 @@ def render_card(lineage: Lineage, *, repo_id: str | None = None) -> str:
     sources = ", ".join(f"`{u.source}`" for u in lineage.sources) or "—"
     load_id = repo_id or "ORG/NAME"
     sail = lineage.policy_pair is not None
-    meanings = {**COLUMNS, **SAIL_COLUMNS} if sail else COLUMNS
+    meanings = {**COLUMNS, **(TRL_COLUMNS if lineage.layout == "trl" else {}),
+                **(SAIL_COLUMNS if sail else {})}
     y_ref_rows = [] if sail else [
         ("y_ref chosen", f"{s.ref_chosen} ({_share(s.ref_chosen, s.rows)})"),
         ("y_ref rejected", f"{s.ref_rejected} ({_share(s.ref_rejected, s.rows)})")]
@@ -144,6 +171,7 @@ def render_card(lineage: Lineage, *, repo_id: str | None = None) -> str:
         "```python\nfrom datasets import load_dataset\n\n"
         f'pairs = load_dataset("{load_id}", split="train")\n```\n',
         "## Columns\n",
+        LAYOUT_TEXT.get(lineage.layout, "") + "\n",
         _table(["column", "meaning"], [(f"`{c}`", meanings.get(c, "")) for c in lineage.columns])
         + "\n",
         "## How it was made\n",
@@ -155,8 +183,7 @@ def render_card(lineage: Lineage, *, repo_id: str | None = None) -> str:
             *((f"chosen from {k}", n) for k, n in s.chosen_origins.items()),
             *((f"rejected from {k}", n) for k, n in s.rejected_origins.items()),
         ]) + "\n",
-        "Margin (chosen minus rejected score):\n",
-        _table(list(s.margin), [[_num(v) for v in s.margin.values()]]) + "\n",
+        *_margin_section(s.margin),
         *_policy_statistics_section(lineage.policy_pair),
         "## Lineage\n",
         *_lineage_section(lineage),

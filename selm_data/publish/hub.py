@@ -33,7 +33,8 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from selm_data.errors import SelmError
 from selm_data.publish.card import CARD_FILE, render_card
 from selm_data.publish.provenance import LINEAGE_FILE, scrub, snapshot_lineage
 from selm_data.publish.snapshot import local_folder, snapshot_row
+from selm_data.store.progress import Steps, interactive, steps
 from selm_data.store.store import Store, package_version
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -154,9 +156,11 @@ def push(store: Store, name: str, repo_id: str, *, private: bool = True,
         operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=(
             content if isinstance(content, bytes) else str(content)))
             for rel, content in files.items()]
-        info = api.create_commit(repo_id, operations, repo_type="dataset", revision=revision,
-                                 commit_message=scrub(message, [token]),
-                                 commit_description=description)
+        with _upload_progress(files) as uploaded:
+            info = api.create_commit(repo_id, operations, repo_type="dataset",
+                                     revision=revision, commit_message=scrub(message, [token]),
+                                     commit_description=description)
+            uploaded.update(uploaded.total or 0)
     except SelmError as e:
         failure = SelmError(scrub(str(e), [token]))
     except Exception as e:  # the Hub's boundary: HTTP, network and protocol errors alike
@@ -167,6 +171,20 @@ def push(store: Store, name: str, repo_id: str, *, private: bool = True,
     # Raised here, outside the except block, so the Hub's exception (whose text may echo the
     # Authorization header) is neither the cause nor the context of what the user sees.
     raise failure
+
+
+@contextmanager
+def _upload_progress(files: dict[str, bytes | Path]) -> Iterator[Steps]:
+    """On a terminal, huggingface_hub draws its own upload bars (rate, ETA); in a log they
+    would be carriage-return debris, so they are off and one closing line says size and rate."""
+    total = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in files.values())
+    quiet = not interactive()
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    with steps(f"push: {len(files)} files", total, unit="B", show=quiet) as uploaded:
+        yield uploaded
 
 
 def _ensure_repo(api: Any, repo_id: str, private: bool) -> tuple[str, bool, bool | None]:

@@ -93,6 +93,12 @@ def plot(store: Store, path: str | os.PathLike[str], *,
     samples = score_samples(store, iterations=iterations)
     if samples.height == 0:
         which = "the store" if iterations is None else f"iteration(s) {list(iterations)}"
+        pairs = store.scan("pairs")
+        if iterations is not None:
+            pairs = pairs.filter(pl.col("iteration").is_in(iterations))
+        if pairs.select(pl.len()).collect().item():  # e.g. `pairs: original` of an unscored file
+            raise SelmError(f"{which} has pairs but no scores to plot (the source has no "
+                            "score columns); run `selm-data inspect` without --plot")
         raise SelmError(f"{which} has no judgments with scores to plot; build an iteration "
                         "first: `selm-data build --iter N`")
     shown = samples["iteration"].unique().sort().to_list()

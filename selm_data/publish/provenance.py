@@ -19,6 +19,7 @@ import polars as pl
 from selm_data.errors import SelmError
 from selm_data.manifest import BUNDLED_DATA
 from selm_data.publish.snapshot import POLICY_RULE, check_snapshot, local_folder, snapshot_row
+from selm_data.sources.dataset import builder_of
 from selm_data.store.store import Store, package_version
 
 LINEAGE_FILE = "selm_lineage.json"
@@ -32,6 +33,7 @@ KNOWN_SOURCES: dict[str, tuple[str, str]] = {
     "bundled:ultrafeedback_binarized_1000.jsonl": _UF,
     "HuggingFaceH4/ultrafeedback_binarized": _UF,
     "openbmb/UltraFeedback": _UF,
+    "Anthropic/hh-rlhf": ("mit", "HH-RLHF (Bai et al. 2022, https://arxiv.org/abs/2204.05862)"),
 }
 
 # What a secret looks like in free text: Hub and OpenAI-style keys, bearer headers, passwords in
@@ -146,6 +148,7 @@ class Lineage:
     manifests: list[ManifestUse]
     statistics: Statistics
     policy_pair: PolicyPairStatistics | None  # None: no SAIL policy pair in the snapshot
+    layout: str  # the snapshot's columns: ultrafeedback or trl (see snapshot.py)
     license: str
     exported_with: str  # selm version that wrote the snapshot
     card_by: str  # selm version that wrote the card
@@ -194,6 +197,7 @@ def snapshot_lineage(store: Store, name: str, *, license: str | None = None) -> 
         content_hash=row["content_hash"],
         files=list(meta["files"]),
         columns=list(meta.get("columns", [])),
+        layout=meta.get("layout", "ultrafeedback"),  # snapshots before layouts: ultrafeedback
         table_versions=versions,
         filters=json.loads(row["filters"] or "{}"),
         rules=sorted({*pairs["rule"].unique().to_list(),
@@ -219,9 +223,16 @@ def _source_name(source: str) -> str:
     if path.parent.name == BUNDLED_DATA.name and path.parent.parent.name == "selm_data" \
             and (BUNDLED_DATA / path.name).is_file():
         return f"bundled:{path.name}"
-    if path.is_absolute() or path.suffix in (".jsonl", ".json", ".parquet"):
+    if path.is_absolute() or builder_of(path):
         return path.name
     return source
+
+
+def _known(name: str) -> tuple[str, str | None]:
+    """The license and origin of a source selm knows, also of a Hub source's config or folder
+    (`Anthropic/hh-rlhf/harmless-base`, `HuggingFaceH4/ultrafeedback_binarized:default`)."""
+    hub_id = "/".join(name.split(":")[0].split("/")[:2])
+    return KNOWN_SOURCES.get(name) or KNOWN_SOURCES.get(hub_id) or ("unknown", None)
 
 
 def _sources(prompts: pl.LazyFrame, pairs: pl.DataFrame) -> list[SourceUse]:
@@ -236,7 +247,7 @@ def _sources(prompts: pl.LazyFrame, pairs: pl.DataFrame) -> list[SourceUse]:
     out = []
     for r in used.iter_rows(named=True):
         name = _source_name(r["source"])
-        license, origin = KNOWN_SOURCES.get(name, ("unknown", None))
+        license, origin = _known(name)
         out.append(SourceUse(name, r["source_revision"], r["source_split"], r["prompts"],
                              license, origin))
     return out

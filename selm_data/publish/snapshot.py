@@ -15,13 +15,14 @@ need files on disk (the trainer, push, diff) a hash-checked copy in a local cach
 Two layouts, each with what SELM and lineage need besides (`reference`: y_ref, for the SELM
 loss; `score_reference`, `margin`, `is_tie`, and the store ids):
 
-- `ultrafeedback` (default): the Hub's UltraFeedback-binarized columns (`prompt` as the last
+- `ultrafeedback`: the Hub's UltraFeedback-binarized columns (`prompt` as the last
   user turn's text, `prompt_id`, `chosen` and `rejected` as whole conversations, `messages` =
   `chosen`, `score_chosen`, `score_rejected`), which alignment-handbook recipes read.
-- `trl`: TRL's explicit-prompt conversational preference format (`prompt` = the prompt turns,
-  `chosen` / `rejected` / `reference` = the one assistant turn). TRL's DPOTrainer (1.16) does
-  not accept the UltraFeedback layout: with a string `prompt` beside conversational
-  `chosen`, its data preparation fails (TypeError or AttributeError, by set order).
+- `trl` (default): TRL's explicit-prompt conversational preference format (`prompt` = the
+  prompt turns, `chosen` / `rejected` / `reference` = the one assistant turn). TRL's
+  DPOTrainer (1.16) does not accept the UltraFeedback layout: with a string `prompt` beside
+  conversational `chosen`, its data preparation fails (TypeError or AttributeError, by set
+  order). `export` prints which trainer reads which layout, with the line that loads it.
 
 An iteration built with `pairing.rule: sail` holds two pairs a prompt (builder). Its snapshot
 keeps one row a prompt: the dataset pair (`sail_dataset`) in the usual columns, so every reader
@@ -55,6 +56,7 @@ import pyarrow.parquet as pq
 
 from selm_data.errors import SelmError
 from selm_data.store.maintenance import pin_checkpoints
+from selm_data.store.progress import steps
 from selm_data.store.schema import MESSAGES, canonical_json
 from selm_data.store.store import Store, package_version
 
@@ -64,6 +66,10 @@ ROWS_PER_FILE = 250_000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 Layout = Literal["ultrafeedback", "trl"]
 LAYOUTS: tuple[Layout, ...] = ("ultrafeedback", "trl")
+# The default is the layout TRL's DPOTrainer reads: most users train with TRL, and on the
+# ultrafeedback layout it fails in its data preparation (tried with trl 1.16). selm-train,
+# datasets and polars read both.
+DEFAULT_LAYOUT: Layout = "trl"
 POLICY_RULE = "sail_policy"  # the pairs rule of SAIL's policy pair: a column group, not a row
 POLICY_COLUMNS = ("policy_chosen", "policy_rejected", "score_policy_chosen",
                   "score_policy_rejected", "policy_is_tie", "policy_swapped", "policy_pair_id",
@@ -96,8 +102,56 @@ class Snapshot:
     policy_pair: bool = False  # rows carry SAIL's policy pair (POLICY_COLUMNS)
 
 
+@dataclass(frozen=True)
+class Reader:
+    """A trainer or library, whether it reads a snapshot's layout, and the line that loads it
+    (or the export that makes a snapshot it reads)."""
+
+    name: str
+    reads: bool
+    line: str
+
+
+def readers(snap: Snapshot, store_uri: str) -> list[Reader]:
+    """Who reads `snap` and how: what `export` prints, so nobody learns it from a TypeError."""
+    data = f"{snap.path}/data/*.parquet"
+    load = f'datasets.load_dataset("parquet", data_files="{data}", split="train")'
+    other = {"trl": "ultrafeedback", "ultrafeedback": "trl"}[snap.layout]
+    again = f"`selm-data export --iter {snap.iteration} --layout {other}`"
+    trl, uf = snap.layout == "trl", snap.layout == "ultrafeedback"
+    return [
+        Reader("datasets / polars", True, f'ds = {load}  or  pl.read_parquet("{data}")'),
+        Reader("selm-train", True, f"`selm-train train --snapshot {store_uri}@{snap.name}`"),
+        Reader("TRL DPOTrainer", trl,
+               "DPOTrainer(model=..., args=DPOConfig(...), train_dataset=ds)" if trl
+               else f"reads the trl layout only (on this one its data preparation fails): "
+                    f"{again}"),
+        Reader("alignment-handbook", uf,
+               "ds (the Hub's UltraFeedback-binarized columns its DPO recipes read)" if uf
+               else f"its recipes read the ultrafeedback layout: {again}"),
+    ]
+
+
+def _filtered_out(store: Store, iteration: int, filters: Filters) -> str:
+    """Why the filters kept nothing: how many pairs are ties and how many have no margin."""
+    counts = (store.scan("pairs").filter((pl.col("iteration") == iteration)
+                                         & (pl.col("rule") != POLICY_RULE))
+              .select(pl.len().alias("pairs"), pl.col("is_tie").sum().alias("ties"),
+                      pl.col("margin").is_null().sum().alias("unscored"),
+                      pl.col("margin").max().alias("largest"))
+              .collect().row(0, named=True))
+    top = counts["largest"]
+    largest = "" if top is None else f", the largest margin is {top:.4g}"
+    flags = " ".join(f for f, on in (("--drop-ties", filters.drop_ties),
+                                     (f"--min-margin {filters.min_margin}",
+                                      filters.min_margin is not None)) if on)
+    return (f"no pair of iteration {iteration} passes {flags}: of its {counts['pairs']} pairs, "
+            f"{counts['ties']} are ties, {counts['unscored']} have no score (a dataset without "
+            f"score columns){largest}; export without those options or loosen them")
+
+
 def export(store: Store, iteration: int, *, name: str | None = None,
-           filters: Filters = Filters(), layout: Layout = "ultrafeedback") -> Snapshot:
+           filters: Filters = Filters(), layout: Layout = DEFAULT_LAYOUT) -> Snapshot:
     """Export iteration `iteration`'s pairs as a snapshot (see the module docstring).
 
     Raises:
@@ -112,7 +166,7 @@ def export(store: Store, iteration: int, *, name: str | None = None,
     versions = {t: store.version(t) for t in READS}
     table = snapshot_table(store, iteration, versions, filters, layout)
     if table.num_rows == 0 and filters != Filters():
-        raise SelmError(f"no pair of iteration {iteration} passes the filters {filters}")
+        raise SelmError(_filtered_out(store, iteration, filters))
     if table.num_rows == 0:
         raise SelmError(f"iteration {iteration} has no pairs; build them first: "
                         f"`selm-data build --iter {iteration}`")
@@ -185,7 +239,7 @@ def has_policy(table: pa.Table) -> bool:
 
 
 def snapshot_table(store: Store, iteration: int, versions: dict[str, int],
-                   filters: Filters, layout: Layout = "ultrafeedback") -> pa.Table:
+                   filters: Filters, layout: Layout = DEFAULT_LAYOUT) -> pa.Table:
     """The rows of a snapshot, sorted by pair_id, read at exactly `versions`: one a pair, or
     for SAIL one a prompt with its policy pair beside (the module docstring)."""
     def scan(t: str) -> pl.LazyFrame:
@@ -331,11 +385,14 @@ def _write_files(table: pa.Table, folder: Path) -> list[str]:
     (folder / "data").mkdir()
     n = max(1, -(-table.num_rows // ROWS_PER_FILE))
     files = []
-    for i in range(n):
-        rel = f"data/train-{i:05d}-of-{n:05d}.parquet"
-        part = table.slice(i * ROWS_PER_FILE, ROWS_PER_FILE)
-        pq.write_table(part, folder / rel, compression="zstd", row_group_size=ROWS_PER_FILE)
-        files.append(rel)
+    with steps("export: writing shards", table.num_rows, unit="pairs") as bar:
+        for i in range(n):
+            rel = f"data/train-{i:05d}-of-{n:05d}.parquet"
+            part = table.slice(i * ROWS_PER_FILE, ROWS_PER_FILE)
+            pq.write_table(part, folder / rel, compression="zstd",
+                           row_group_size=ROWS_PER_FILE)
+            files.append(rel)
+            bar.update(part.num_rows)
     return files
 
 

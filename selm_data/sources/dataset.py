@@ -16,6 +16,7 @@ assistant turn), "unparseable transcript" (HH text without Human/Assistant marke
 
 from __future__ import annotations
 
+import glob
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +34,12 @@ LAYOUTS: tuple[Layout, ...] = get_args(Layout)
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix -> datasets builder
+# datasets decompresses json(l) files by these suffixes (.zst needs zstandard); Parquet
+# compresses inside the file.
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+SUPPORTED = ("jsonl, json or parquet files (jsonl and json also as .gz, .bz2, .xz or .zst), a "
+             "folder of them, or a glob such as 'shards/*.parquet'")
+GLOB_CHARS = re.compile(r"[*?\[]")
 DETAIL_CHARS = 200  # a quarantine detail is an excerpt to recognise the row, not a copy of it
 
 LAYOUT_HELP = {
@@ -129,15 +136,15 @@ def _load(spec: SourceSpec) -> tuple[str, Any]:
     except ImportError as e:
         raise SelmError("loading a source needs `datasets`: pip install 'selm[hub]'") from e
     if spec.hub is not None:
-        source = builder = spec.hub
-        options: dict[str, Any] = {"revision": spec.revision}
-        hint = "check the id, split and revision, and that the Hub is reachable"
+        source, builder, options = hub_source(spec)
+        hint = ("check the id, config, data_dir, data_files, split and revision, and that the "
+                "Hub is reachable")
     else:
-        source = str(_local_file(spec))
-        builder = BUILDERS[Path(source).suffix]
-        # The file's one split is named after `split`, so the split recorded is the one asked for.
-        options = {"data_files": {spec.split: source}}
-        hint = f"check that the file is valid {builder}"
+        source = str(BUNDLED_DATA / spec.bundled) if spec.bundled is not None else str(spec.path)
+        builder, files = local_files(source)
+        # The files' one split is named after `split`, so the split recorded is the one asked for.
+        options = {"data_files": {spec.split: [str(f) for f in files]}}
+        hint = f"check that the file(s) are valid {builder}"
     try:
         return source, datasets.load_dataset(builder, split=spec.split, **options)
     except (datasets.exceptions.DatasetsError, OSError, ValueError) as e:
@@ -145,21 +152,68 @@ def _load(spec: SourceSpec) -> tuple[str, Any]:
         raise SelmError(message) from e
 
 
-def _local_file(spec: SourceSpec) -> Path:
-    path = BUNDLED_DATA / spec.bundled if spec.bundled is not None else Path(str(spec.path))
-    if path.suffix not in BUILDERS:
-        raise SelmError(
-            f"source file {str(path)!r} has suffix {path.suffix!r}; supported: "
-            f"{', '.join(BUILDERS)}"
-        )
-    if not path.is_file():
-        raise SelmError(
-            f"source file {str(path)!r} does not exist (relative paths are relative to the "
-            f"working directory, {Path.cwd()})"
-        )
-    if path.stat().st_size == 0:  # datasets 5.2 raises a bare StopIteration on an empty file
-        raise SelmError(f"source file {str(path)!r} is empty")
-    return path
+def hub_source(spec: SourceSpec) -> tuple[str, str, dict[str, Any]]:
+    """The label recorded as the prompts' `source`, and `load_dataset`'s arguments, of a Hub
+    source: `Anthropic/hh-rlhf/harmless-base` for a data_dir, `id:config` for a config."""
+    assert spec.hub is not None
+    label = spec.hub + (f":{spec.config}" if spec.config else "") + (
+        f"/{spec.data_dir.strip('/')}" if spec.data_dir else "")
+    data_files = spec.data_files
+    if isinstance(data_files, str | list):  # datasets would name a bare list's split "train"
+        data_files = {spec.split: data_files}
+    options = {"revision": spec.revision, "name": spec.config, "data_dir": spec.data_dir,
+               "data_files": data_files}
+    # A local folder by its absolute path: datasets cannot name a dataset after "."
+    where = str(Path(spec.hub).resolve()) if Path(spec.hub).is_dir() else spec.hub
+    return label, where, {k: v for k, v in options.items() if v is not None}
+
+
+def builder_of(path: Path) -> str | None:
+    """The `datasets` builder that reads `path` ("json", "parquet"), None if none does."""
+    suffix = path.suffix
+    if suffix in COMPRESSIONS:
+        suffix = Path(path.stem).suffix
+        return "json" if BUILDERS.get(suffix) == "json" else None
+    return BUILDERS.get(suffix)
+
+
+def local_files(text: str) -> tuple[str, list[Path]]:
+    """A local file, a folder of shards or a glob as `datasets` builder and files, in sorted
+    order (so `source_row` and the portions do not depend on the filesystem's listing order).
+
+    Raises:
+        SelmError: nothing matches, a file is of an unsupported kind or empty, or the files
+            mix formats.
+    """
+    path = Path(text)
+    if GLOB_CHARS.search(text) and not path.exists():
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        where = f"no file matches {text!r}"
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and builder_of(p)
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        where = f"folder {text!r} holds no data file"
+    elif path.is_file():
+        files, where = [path], ""
+    else:
+        raise SelmError(f"source {text!r} does not exist (relative paths are relative to the "
+                        f"working directory, {Path.cwd()}); give {SUPPORTED}")
+    if not files:
+        raise SelmError(f"{where}; give {SUPPORTED}")
+    builders = {f: builder_of(f) for f in files}
+    unknown = [str(f) for f, b in builders.items() if b is None]
+    if unknown:
+        suffix = "".join(Path(unknown[0]).suffixes)
+        raise SelmError(f"source file {unknown[0]!r} has suffix {suffix!r}; supported: "
+                        f"{SUPPORTED}")
+    kinds = set(builders.values())
+    if len(kinds) > 1:
+        raise SelmError(f"source {text!r} mixes {' and '.join(sorted(map(str, kinds)))} files; "
+                        "give files of one format (a glob such as 'data/*.parquet' picks them)")
+    empty = [str(f) for f in files if f.stat().st_size == 0]
+    if empty:  # datasets 5.2 raises a bare StopIteration on an empty file
+        raise SelmError(f"source file {empty[0]!r} is empty")
+    return str(kinds.pop()), files
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -282,7 +336,9 @@ def _sharegpt(row: Mapping[str, Any]) -> Parsed:
     if not isinstance(turns, list) or not all(isinstance(t, Mapping) for t in turns):
         raise _Reject("wrong type: conversations", "expected a list of {from, value} turns")
     for t in turns:
-        if t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str):
+        role = t.get("from")  # any JSON value: a list or an object is not hashable
+        if not isinstance(role, str) or role not in SHAREGPT_ROLES \
+                or not isinstance(t.get("value"), str):
             raise _Reject("wrong type: conversations", f"turn {dict(t)!r}")
     messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
     return messages, _sharegpt_answer(row.get("chosen"), "chosen"), _sharegpt_answer(

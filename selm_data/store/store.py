@@ -257,14 +257,28 @@ class Store:
         self._check_leases()
         if table != "runs":
             self.record_run()
+        ids = batch.column(spec.id_column).to_pylist()
+        index = self._indexes.setdefault(table, _IdIndex())
+        # First without the lock: read what other writers committed so far (their files' ids),
+        # so the locked section below reads only what came since; rows already stored stay
+        # stored, so a batch found all there needs no lock (every rank's same quarantine).
+        try:
+            dt = self.delta_table(table)
+            index.refresh(dt, self.fs, spec.name, spec.id_column)
+        except (DeltaError, OSError, pa.ArrowException) as e:
+            raise StoreError(
+                f"reading {spec.name} before writing {batch.num_rows} rows failed: "
+                f"{scrub(str(e))}. Nothing was written. Fix the cause (an unreachable object "
+                "store, permissions) and run the command again: the rows already stored are "
+                "skipped.") from None
+        if not _new_rows(ids, index.ids):
+            return AppendResult(table, 0, batch.num_rows, dt.version())
         # Which rows are new is only true until another writer commits: decide and commit
         # under the table's lock, so overlapping writers in several processes cannot both
         # write a row. The lock is held for this one append only.
         with self.table_lock(table):
             dt = self.delta_table(table)
-            index = self._indexes.setdefault(table, _IdIndex())
             index.refresh(dt, self.fs, spec.name, spec.id_column)
-            ids = batch.column(spec.id_column).to_pylist()
             keep = _new_rows(ids, index.ids)
             new = batch if len(keep) == len(ids) else batch.take(pa.array(keep, pa.int64()))
             if new.num_rows == 0:

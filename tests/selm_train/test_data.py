@@ -45,9 +45,9 @@ def snapshots(store):
     for pair in plain["pairs"]:
         pair["ref_id"] = None
     write_chain(store, plain)
-    uf = export(store, 1, name="uf")
+    uf = export(store, 1, name="uf", layout="ultrafeedback")
     trl = export(store, 1, name="trl", layout="trl")
-    noref = export(store, 2, name="noref")
+    noref = export(store, 2, name="noref", layout="ultrafeedback")
     return store, rows, {"uf": uf, "trl": trl, "noref": noref}
 
 

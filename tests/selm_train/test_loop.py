@@ -13,7 +13,7 @@ from helpers import manifest_dict, require
 from selm_data.manifest import Manifest
 from selm_data.publish.lineage import lineage
 from selm_data.store.store import RunInfo, open_store
-from selm_train.loop import run_loop
+from selm_train.loop import SELM_DATA, build_command, run_loop
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +54,24 @@ def test_two_iterations_end_to_end_and_resume(tmp_path, tiny_lm, tiny_rm):
     again = run_loop(path, say=said.append)
     assert [d.built for d in again] == [False, False]
     assert store.versions() == versions, "a finished loop writes nothing on rerun"
+
+
+def test_the_build_phase_uses_every_gpu_block_under_torchrun(tmp_path, monkeypatch):
+    """On a node the loop builds with one rank per GPU block, the GPUs training will use:
+    8 GPUs of tensor-parallel 2 are 4 ranks; a machine without GPUs builds in one process."""
+    def manifest(**overrides) -> Manifest:
+        return Manifest.model_validate(manifest_dict(tmp_path, tmp_path / "lm", tmp_path / "rm",
+                                                     **overrides))
+
+    tp2 = {"backend": "vllm", "vllm": {"tensor_parallel_size": 2}}
+    cmd = build_command(manifest(train={"gpus": 8}, generation=tp2), 2, tmp_path / "m.yaml")
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                        "-m"]
+    assert cmd[6:] == ["selm_data.cli", "build", "--iter", "2", "--manifest",
+                       str(tmp_path / "m.yaml")]
+    one = build_command(manifest(train={"gpus": 1}), 1, tmp_path / "m.yaml")
+    assert one[1:3] == list(SELM_DATA)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    assert build_command(manifest(), 1, tmp_path / "m.yaml")[1:3] == list(SELM_DATA)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    assert "--nproc_per_node=4" in build_command(manifest(), 1, tmp_path / "m.yaml")

@@ -170,8 +170,9 @@ def test_two_shards_in_parallel_equal_one_process(tmp_path, tiny_lm, tiny_rm):
 def test_later_iterations_take_the_previous_checkpoint(tmp_path, tiny_lm, tiny_rm):
     m = Manifest.model_validate(manifest_dict(tmp_path, tiny_lm, tiny_rm))
     store = open_new(m.store)
-    with pytest.raises(SelmError, match=r"no checkpoint for it\. Train it with "
-                                        r"`selm-train --iter 1`, or pass --policy"):
+    with pytest.raises(SelmError, match=r"no checkpoint for it\. Train it with `selm-data "
+                                        r"export --iter 1` and then `selm-train train "
+                                        r"--snapshot .*@NAME`"):
         build(m, 2, store)
     store.append("checkpoints", [{"iteration": 1, "path": str(tiny_lm), "fingerprint": "w1",
                                   "base_model": str(tiny_lm), "loss": "selm", "config": "{}"}])

@@ -4,6 +4,7 @@ world size; launcher detection and GPU blocks."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,13 +12,14 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
 from helpers import manifest_dict
 from selm_data import SelmError, open_store, verify
 from selm_data.builder.iteration import Shard, build
-from selm_data.builder.ranks import shard_for
+from selm_data.builder.ranks import shard_for, shard_progress
 from selm_data.generation import launcher
 from selm_data.generation.launcher import Launch, detect, gpu_block
 from selm_data.manifest import Manifest
@@ -213,16 +215,34 @@ def test_a_rank_that_fails_to_start_fails_the_launch_loudly(tmp_path, tiny_lm, t
     assert "no-such-model" in record
 
 
-def test_eval_under_a_launcher_runs_on_rank_0_only(tmp_path):
-    from typer.testing import CliRunner
-
-    from selm_data.cli import app
-
-    result = CliRunner().invoke(app, ["eval", "--iter", "0", "--manifest",
-                                      str(tmp_path / "absent.yaml")],
-                                env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
-    assert result.exit_code == 0, result.output
-    assert "[rank 1/2] eval runs on rank 0 only" in result.output
+@pytest.mark.slow
+def test_eval_under_a_launcher_splits_the_questions_and_writes_the_files_once(tmp_path, tiny_lm,
+                                                                            tiny_rm):
+    """2 ranks answer MT-Bench's first 5 questions (3 and 2 of them, both turns each) and
+    rank 0 writes the file, equal to one process's answers; each run id answered its share."""
+    files = {}
+    for k in (1, 2):
+        folder = tmp_path / f"ranks-{k}"
+        manifest = write_manifest(folder, tiny_lm, tiny_rm)
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "selm_data.cli", "eval", "--iter", "0", "--prompts",
+             "mt_bench", "--limit", "5", "--manifest", str(manifest)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=child_env(folder, **({} if k == 1 else {
+                "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                "TORCHELASTIC_RUN_ID": "eval-launch"})))
+            for r in range(k)]
+        out = "".join(finish(procs))
+        assert out.count("wrote ") == 2, out  # the answer file and its lineage file, once
+        answer_file = folder / "store" / "evals" / "mt_bench" / "model_answer" / "test-base.jsonl"
+        files[k] = [{key: v for key, v in json.loads(line).items() if key != "tstamp"}
+                    for line in answer_file.read_text().splitlines()]
+        answers = open_store(folder / "store").scan("eval_answers").collect()
+        assert answers.height == 10
+        if k == 2:
+            assert "[rank 1/2] shard 1-of-2 done: 2 questions" in out, out
+            assert sorted(answers.group_by("run_id").len()["len"].to_list()) == [4, 6]
+    assert files[2] == files[1] and len(files[1]) == 5
 
 
 @pytest.mark.parametrize("args", [["--local_rank=3", "build", "--iter", "1"],
@@ -236,3 +256,55 @@ def test_the_deepspeed_launchers_local_rank_is_taken_out_of_the_arguments(args, 
     monkeypatch.delenv("LOCAL_RANK")
     assert without_local_rank(args) == ["build", "--iter", "1"]
     assert os.environ["LOCAL_RANK"] == "3"
+
+
+def test_shards_are_balanced_and_partition_the_portion():
+    """k ranks finish together only if their shards are the same size: sizes differ by at most
+    one, the shards cover the portion exactly once, and each keeps source order."""
+    portion = [f"p{i}" for i in range(1021)]
+    for k in (1, 2, 3, 8):
+        shards = [Shard(i, k).take(portion) for i in range(k)]
+        sizes = [len(s) for s in shards]
+        assert max(sizes) - min(sizes) <= 1, (k, sizes)
+        assert sorted(p for s in shards for p in s) == sorted(portion)
+        assert all(s == sorted(s, key=portion.index) for s in shards)
+
+
+def test_status_counts_each_shard_as_the_build_cut_it(tmp_path):
+    """`selm-data status` finds a shard's prompts from the stored source rows, as `take` cut
+    them: shard 0 of 3, built alone, shows its 4 of the portion's 12 prompts and 4 pairs.
+    A builder that recorded no manifest (a library call) leaves the counts unknown."""
+    d = manifest_dict(tmp_path, tmp_path / "unused-lm", tmp_path / "unused-rm")
+    d["iterations"] = [{"pairs": "original", "loss": "dpo", "alpha": 0.0}, {}]
+    m = Manifest.model_validate(d)
+    store = open_store(m.store, create=True, run=m.run_info("pytest"))  # as the CLI opens it
+    build(m, 1, store, shard=Shard(0, 3))
+    build(m, 1, open_store(m.store, run=RunInfo.new("pytest")), shard=Shard(1, 3))
+    progress = shard_progress(store)
+    assert progress.select("iteration", "shard", "state", "prompts", "pairs").rows() == [
+        (1, "0-of-3", "released", 4, 4), (1, "1-of-3", "released", None, None)]
+
+
+@pytest.mark.slow
+def test_ranks_build_into_an_object_store(tmp_path, s3_uri):
+    """Under a launcher the ranks meet only in the store, and an s3:// store is enough: each
+    rank's record goes there, and rank 0 prints one merged report read from it."""
+    d = manifest_dict(tmp_path, tmp_path / "unused-lm", tmp_path / "unused-rm")
+    d["store"] = s3_uri
+    d["iterations"] = [{"pairs": "original", "loss": "dpo", "alpha": 0.0}, {}]
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump(d))
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "selm_data.cli", "build", "--iter", "1", "--manifest",
+         str(manifest)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=child_env(tmp_path, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                      TORCHELASTIC_RUN_ID="s3-launch"))
+        for r in range(2)]
+    out = "".join(finish(procs))
+    assert out.count("shard all 2 (merged)") == 1, out
+    store = open_store(s3_uri)
+    assert store.scan("pairs").collect().height == 12
+    assert verify(store) == []
+    records = sorted(store.fs.get_file_info(pafs.FileSelector("_builds/iter=1")),
+                     key=lambda info: info.path)
+    assert [info.base_name for info in records] == ["shard=0-of-2.json", "shard=1-of-2.json"]

@@ -191,10 +191,10 @@ def test_a_failed_or_unscored_sample_gives_the_prompt_no_pair_until_a_rerun(tmp_
 
 def store_prompts(m: Manifest) -> list[tuple[str, list[dict]]]:
     """(prompt_id, messages) of iteration 1, as the build will id them."""
-    from selm_data.builder.iteration import _portion
+    from selm_data.builder.iteration import portion_of
     from selm_data.sources.dataset import load_source
 
-    return [(pid, ex.messages) for pid, ex in _portion(m, load_source(m.source), 1)]
+    return [(pid, ex.messages) for pid, ex in portion_of(m, load_source(m.source), 1)]
 
 
 # --- the snapshot ---------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def built(store):
 
 def test_export_joins_prompt_texts_and_scores(built):
     store, rows, _ = built
-    snap = export(store, 2)
+    snap = export(store, 2, layout="ultrafeedback")
     assert snap.created and snap.row_count == 7 and snap.name == f"iter2-{snap.content_hash[:8]}"
     frame = pl.read_parquet(snap.path / "data")
     assert frame["pair_id"].to_list() == sorted(frame["pair_id"].to_list())
@@ -96,7 +96,7 @@ def test_filters_and_empty_results(built, tmp_path):
     assert len({no_ties.content_hash, wide.content_hash}) == 2
     row = store.scan("snapshots").filter(pl.col("name") == wide.name).collect()
     assert json.loads(row["filters"][0]) == {"drop_ties": True, "min_margin": 1.5}
-    with pytest.raises(SelmError, match="passes the filters"):
+    with pytest.raises(SelmError, match=r"passes --min-margin 99: of its 7 pairs, 1 are ties"):
         export(store, 2, filters=Filters(min_margin=99))
     with pytest.raises(SelmError, match=r"no pairs; build them first: `selm-data build --iter 3`"):
         export(store, 3)
@@ -123,13 +123,19 @@ def test_datasets_loads_a_snapshot(built):
     from datasets import load_dataset
 
     store, _, _ = built
-    snap = export(store, 2)
+    snap = export(store, 2, layout="ultrafeedback")
     ds = load_dataset("parquet", data_files=str(snap.path / "data" / "*.parquet"),
                       split="train")
     assert ds.num_rows == 7
     assert ds[0]["chosen"][-1]["role"] == "assistant"
     assert set(ds.column_names) >= {"prompt", "prompt_id", "chosen", "rejected", "messages",
                                     "score_chosen", "score_rejected", "reference"}
+    trl = export(store, 2)  # the default layout: the prompt turns apart from the answers
+    ds = load_dataset("parquet", data_files=str(trl.path / "data" / "*.parquet"),
+                      split="train")
+    assert ds[0]["prompt"][-1]["role"] == "user" and len(ds[0]["chosen"]) == 1
+    assert set(ds.column_names) >= {"prompt", "chosen", "rejected", "reference",
+                                    "score_chosen", "score_rejected"}
 
 
 def test_verify_reports_a_modified_or_missing_snapshot(built):
@@ -209,7 +215,7 @@ def test_ultrafeedback_layout_is_what_alignment_handbook_reads(built):
     """alignment-handbook's DPO preprocessing takes chosen[:-1] as the prompt turns and the
     last turns as the answers: they must share the prompt and end in the assistant's answer."""
     store, _, _ = built
-    frame = pl.read_parquet(export(store, 2).path / "data")
+    frame = pl.read_parquet(export(store, 2, layout="ultrafeedback").path / "data")
     for row in frame.iter_rows(named=True):
         assert row["chosen"][:-1] == row["rejected"][:-1] == row["reference"][:-1]
         assert row["chosen"][-1]["role"] == row["rejected"][-1]["role"] == "assistant"
@@ -234,3 +240,26 @@ def test_the_same_rows_in_other_chunks_write_the_same_bytes(tmp_path):
         files = _write_files(t, tmp_path / name)
         hashes.append(files_hash(tmp_path / name, files))
     assert hashes[0] == hashes[1]
+
+
+def test_export_defaults_to_trl_and_says_who_reads_each_layout(built):
+    """The default is the layout TRL's DPOTrainer reads; the export names, for each trainer,
+    whether it reads the snapshot and the line that loads it (or the export it needs)."""
+    from selm_data.publish.snapshot import readers
+
+    store, _, _ = built
+    snap = export(store, 2)
+    assert snap.layout == "trl"
+    by_name = {r.name: r for r in readers(snap, store.uri)}
+    assert by_name["TRL DPOTrainer"].reads and "train_dataset=ds" in by_name["TRL DPOTrainer"].line
+    assert not by_name["alignment-handbook"].reads
+    assert "`selm-data export --iter 2 --layout ultrafeedback`" in by_name[
+        "alignment-handbook"].line
+    assert by_name["selm-train"].line == f"`selm-train train --snapshot {store.uri}@{snap.name}`"
+    data = f'data_files="{snap.path}/data/*.parquet"'
+    assert data in by_name["datasets / polars"].line
+
+    uf = export(store, 2, layout="ultrafeedback")
+    by_name = {r.name: r for r in readers(uf, store.uri)}
+    assert by_name["alignment-handbook"].reads and not by_name["TRL DPOTrainer"].reads
+    assert "--layout trl" in by_name["TRL DPOTrainer"].line

@@ -184,3 +184,31 @@ def test_processes_creating_one_store_at_once_all_succeed(tmp_path):
     assert store.scan("runs").select("run_id").collect().height == 3
     assert all(store.version(t) >= 0 for t in ("prompts", "pairs"))
     assert verify(store) == []
+
+
+def test_rows_already_stored_need_no_table_lock(store_path):
+    """Every rank appends the source's same quarantine: a batch the table holds returns at once,
+    without queueing for the table's lock behind other writers (here a holder that never lets
+    go); a batch with one new row waits for it."""
+    import threading
+
+    from helpers import chain_rows
+    from selm_data.store.leases import exclusive
+    from selm_data.store.store import LEASES_DIR
+
+    rows = chain_rows(1, 3)["prompts"]
+    open_store(store_path).append("prompts", rows)
+    other = open_store(store_path)  # another writer, which has read nothing yet
+    results: list[object] = []
+    with exclusive(store_path / LEASES_DIR / ".table-prompts.lock"):
+        same = threading.Thread(target=lambda: results.append(other.append("prompts", rows)))
+        same.start()
+        same.join(timeout=20)
+        assert not same.is_alive() and results[0].added == 0
+        more = threading.Thread(target=lambda: results.append(
+            other.append("prompts", chain_rows(1, 4)["prompts"])))
+        more.start()
+        more.join(timeout=1)
+        assert more.is_alive()  # waits for the lock: it has a row to write
+    more.join(timeout=20)
+    assert results[1].added == 1
