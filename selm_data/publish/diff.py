@@ -144,7 +144,8 @@ def _summary(label: str, iteration: int | None, frame: pl.DataFrame) -> Side:
     return Side(label=label, iteration=iteration, **row)
 
 
-def _change(a: float | None, b: float | None, kind: str) -> str:
+def change(a: float | None, b: float | None, kind: str) -> str:
+    """B - A as the diff table shows it: a signed count, percentage points or a score."""
     if a is None or b is None:
         return ""
     delta = b - a
@@ -177,7 +178,7 @@ def render_diff(d: Diff) -> Group:
         summary.add_column(column, justify="right")
     for label, field, kind in DIFF_ROWS:
         va, vb = getattr(d.a, field), getattr(d.b, field)
-        summary.add_row(label, format_as[kind](va), format_as[kind](vb), _change(va, vb, kind))
+        summary.add_row(label, format_as[kind](va), format_as[kind](vb), change(va, vb, kind))
     overlap = Table(title="overlap", caption=(
         "pairs match by (prompt, chosen text, rejected text)"
         + (f"; changed e.g. {', '.join(d.changed_examples)}" if d.changed_examples else "")))
@@ -193,4 +194,4 @@ def render_diff(d: Diff) -> Group:
     return Group(summary, overlap)
 
 
-__all__ = ["Diff", "Side", "diff", "render_diff"]
+__all__ = ["DIFF_ROWS", "Diff", "Side", "change", "diff", "render_diff"]

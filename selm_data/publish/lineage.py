@@ -41,7 +41,7 @@ def lineage(store: Store, row_id: str) -> Node:
     table, row = _find(store, row_id)
     return {"id": row_id, "kind": table, "row": _brief(table, row),
             "upstream": _upstream(store, table, row),
-            "downstream": _downstream(store, table, row)}
+            "downstream": downstream(store, table, row)}
 
 
 def _find(store: Store, row_id: str) -> tuple[str, dict]:
@@ -176,7 +176,9 @@ def _checkpoint_of(store: Store, fingerprint: str | None) -> Node | None:
     return _brief("checkpoints", checkpoint) if checkpoint else None
 
 
-def _downstream(store: Store, table: str, row: dict) -> Node:
+def downstream(store: Store, table: str, row: dict) -> Node:
+    """What was made from `row` of `table` (the `downstream` of `lineage`), on its own for
+    callers that have the row and its upstream already (the viewer's pair page)."""
     if table in ("eval_answers", "eval_comparisons"):
         return _eval_downstream(store, table, row)
     down: Node = {}

@@ -199,7 +199,9 @@ def quarantine_stats(store: Store) -> pl.DataFrame:
 # --- evaluations ----------------------------------------------------------------------------
 
 
-def _policy_label() -> pl.Expr:
+def policy_label() -> pl.Expr:
+    """base, iterN, or the model's name: how `inspect`, `winrates` and the viewer name a
+    policy's evaluation answers."""
     return (pl.when(pl.col("iteration") == 0).then(pl.lit("base"))
             .when(pl.col("iteration").is_not_null())
             .then(pl.format("iter{}", pl.col("iteration")))
@@ -217,7 +219,7 @@ def eval_stats(store: Store, *, iteration: int | None = None
     if iteration is not None:
         answers = answers.filter(pl.col("iteration") == iteration)
     answers = answers.with_columns(
-        label=_policy_label(), max_tokens=pl.col("sampling").struct.field("max_tokens"),
+        label=policy_label(), max_tokens=pl.col("sampling").struct.field("max_tokens"),
         # iterations in their order (base first), then other models by name
         order=pl.when(pl.col("iteration").is_not_null())
         .then(pl.format("{}", pl.col("iteration").cast(pl.String).str.zfill(6)))
@@ -405,5 +407,5 @@ def render_stats(stats: pl.DataFrame, *, quarantine: pl.DataFrame | None = None)
     return Group(*parts)
 
 
-__all__ = ["COLUMNS", "eval_stats", "iteration_stats", "quarantine_stats", "render_eval_stats",
-           "render_stats"]
+__all__ = ["COLUMNS", "eval_stats", "iteration_stats", "policy_label", "quarantine_stats",
+           "render_eval_stats", "render_stats"]
