@@ -29,12 +29,12 @@ WORD = re.compile(r"[a-z][a-z-]*")  # a (sub)command's name; placeholders are up
 
 def _texts(tree: ast.AST) -> list[str]:
     """Every string literal, f-strings with their fields written `{}`."""
-    out = []
+    out: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             out.append(node.value)
         elif isinstance(node, ast.JoinedStr):
-            out.append("".join(v.value if isinstance(v, ast.Constant) else "{}"
+            out.append("".join(str(v.value) if isinstance(v, ast.Constant) else "{}"
                                for v in node.values))
     return out
 

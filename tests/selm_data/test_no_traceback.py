@@ -61,7 +61,7 @@ def _fill(value: Any, i: int) -> Any:
 
 def _odd_rows(layout: str) -> list[dict[str, Any]]:
     """Each field of the layout's row (and each field inside its messages) made odd in turn."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     good = GOOD[layout]
     paths: list[tuple[Any, ...]] = []
     for key, value in good.items():
@@ -181,7 +181,7 @@ def test_eval_prompt_files_with_odd_fields(tmp_path: Path, run, tiny_policy: Pat
         for kind, odd in ODD.items():
             record = copy.deepcopy(good)
             *parents, last = field
-            target = record
+            target: Any = record
             for p in parents:
                 target = target[p]
             if odd is MISSING:

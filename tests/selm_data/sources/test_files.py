@@ -10,7 +10,9 @@ import bz2
 import gzip
 import json
 import lzma
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pyarrow as pa
@@ -25,11 +27,12 @@ from selm_data.sources.dataset import LoadedSource, load_source
 SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 UF_1000 = SHARED_DATA / "ultrafeedback_binarized_1000.jsonl"
 
-COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
-            ".zst": lambda b: zstandard.ZstdCompressor().compress(b)}
+COMPRESS: dict[str, Callable[[bytes], bytes]] = {
+    ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+    ".zst": lambda b: zstandard.ZstdCompressor().compress(b)}
 TALK = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: "
 # HH-RLHF rows: two usable, one repeated prompt and one of each of five quarantine reasons.
-HH_ROWS = [
+HH_ROWS: list[dict[str, Any]] = [
     {"chosen": TALK + "Fine, thanks.", "rejected": TALK + "Go away."},
     {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"},
     {"chosen": "Just some text.", "rejected": "\n\nHuman: A\n\nAssistant: y"},
