@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -58,10 +58,15 @@ class Location:
     def filesystem(self) -> pafs.FileSystem:
         """A pyarrow filesystem rooted at the store: paths are relative to it ("pairs/x").
 
-        pyarrow resolves credentials from the environment itself, as delta-rs does.
+        On S3, pyarrow resolves credentials from the environment itself, as delta-rs does; on
+        GCS and Azure the files go through obstore, which reads what delta-rs reads.
         """
         if self.local is not None:
             return pafs.SubTreeFileSystem(str(self.local), pafs.LocalFileSystem())
+        if self.scheme != "s3":
+            from selm_data.store import cloud  # GCS and Azure: obstore (see its module doc)
+
+            return cloud.filesystem(self)
         try:
             fs, base = pafs.FileSystem.from_uri(self.uri)
         except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -115,12 +120,15 @@ def _local(raw: str) -> Location:
 
 def _remote(raw: str, scheme: str) -> Location:
     parts = urlsplit(raw)
-    if parts.username or parts.password or parts.query:
+    # abfss://CONTAINER@ACCOUNT.dfs.core.windows.net/path names its container where a user goes
+    user = parts.username if scheme not in ("abfs", "abfss") else None
+    if user or parts.password or parts.query:
         # s3://KEY:SECRET@bucket would put a credential into every message and commit
         raise StoreError(
             f"store URI for {SCHEMES[scheme]} must not carry credentials or options "
             "(user:password@ or ?...): give them in the environment as the provider's "
-            "SDK reads them (AWS_* variables, a profile, an instance role)."
+            "SDK reads them (AWS_* variables, a profile, an instance role; AZURE_STORAGE_*; "
+            "GOOGLE_APPLICATION_CREDENTIALS)."
         )
     bucket, path = parts.netloc, parts.path.strip("/")
     if not bucket:
@@ -140,14 +148,26 @@ def _remote(raw: str, scheme: str) -> Location:
     return Location(f"{scheme}://{bucket}" + (f"/{path}" if path else ""), None)
 
 
-def scrub(message: str) -> str:
-    """An error text without any credential the environment holds (SDK errors may echo them)."""
-    for name, value in os.environ.items():
-        if value and len(value) >= 8 and any(
-                k in name.upper() for k in ("SECRET", "TOKEN", "KEY", "PASSWORD", "SAS")):
-            message = message.replace(value, "***")
-    return message
+# Names of variables whose values are secrets: AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+# AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN, AZURE_CLIENT_SECRET, GOOGLE_BEARER_TOKEN,
+# GOOGLE_SERVICE_ACCOUNT_KEY (a whole key file as JSON), HF_TOKEN, ...
+_SECRET_NAMES = ("SECRET", "TOKEN", "KEY", "PASSWORD", "SAS", "CREDENTIAL")
+# A SAS signature or token in a URL an SDK echoes, whatever variable (or file) it came from
+_URL_SECRETS = re.compile(r"((?:^|[?&\s])(?:sig|se|skoid|sktid|token|access_token|"
+                          r"X-Amz-Signature|X-Amz-Security-Token|X-Goog-Signature)=)[^&\s\"']+",
+                          re.IGNORECASE)
 
+
+def scrub(message: str) -> str:
+    """An error text without any credential the environment holds (SDK errors may echo them,
+    as given or URL-encoded), nor a signature or token in a URL."""
+    for name, value in os.environ.items():
+        if not value or len(value) < 8 or not any(k in name.upper() for k in _SECRET_NAMES):
+            continue
+        for form in {value, value.lstrip("?"), quote(value, safe=""), quote(value, safe="=&")}:
+            if len(form) >= 8:
+                message = message.replace(form, "***")
+    return _URL_SECRETS.sub(r"\1***", message)
 
 
 __all__ = ["SCHEMES", "Location", "parse_location", "scrub"]
