@@ -80,6 +80,8 @@ class Azurite:
     endpoint: str
     process: subprocess.Popen[bytes]
     log: Path
+    secret: str = SECRET
+    bucket: str = CONTAINER
 
     def objects(self) -> dict[str, bytes]:
         """Every blob in the test container: the store as the server holds it."""
@@ -104,9 +106,9 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
     log = folder / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
-             str(folder), "--inMemoryPersistence", "--skipApiVersionCheck", "--silent"],
-            stdout=out, stderr=subprocess.STDOUT,
+            [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port),
+             "--inMemoryPersistence", "--skipApiVersionCheck", "--silent"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=folder,
             env={**os.environ, "AZURITE_ACCOUNTS": f"{ACCOUNT}:{SECRET}"})
     endpoint = f"http://127.0.0.1:{port}"
     with pytest.MonkeyPatch.context() as mp:
@@ -120,8 +122,17 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
             create_container(endpoint, CONTAINER)
             yield Azurite(endpoint, process, log)
         finally:
-            process.terminate()
-            process.wait(10)
+            stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Node may hold SIGTERM while connections stay open: then it is killed."""
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 @pytest.fixture

@@ -27,12 +27,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from selm_data.errors import StoreError
+from selm_data.store.secrets import scrub
 
 if TYPE_CHECKING:
     from obstore import ObjectMeta
     from obstore.store import ClientConfig, ObjectStore, RetryConfig
-
-    from selm_data.store.location import Location
 
 OBSTORE_SCHEMES = ("gs", "az", "abfs", "abfss")
 # The settings a client is built from: a client is cached per bucket and these values, so a
@@ -42,8 +41,9 @@ _clients: dict[tuple[str, str, tuple[tuple[str, str], ...]], ObjectStore] = {}
 T = TypeVar("T")
 
 
-def client(location: Location, *, purpose: str = "files") -> ObjectStore:
-    """The obstore client for the bucket (or container) of `location`; paths are bucket keys.
+def client(uri: str, *, purpose: str = "files") -> ObjectStore:
+    """The obstore client for the bucket (or container) of the store at `uri`; paths are
+    bucket keys.
 
     `purpose` "leases" fails fast (short timeouts, two retries): a heartbeat must not hang;
     "files" retries longer, as delta-rs does for its own requests.
@@ -52,8 +52,9 @@ def client(location: Location, *, purpose: str = "files") -> ObjectStore:
         from obstore.store import from_url
     except ImportError as e:
         raise StoreError(
-            f"a {location.scheme}:// store needs obstore: `pip install 'selm[cloud]'`") from e
-    parts = urlsplit(location.uri)
+            f"a {uri.split(':', 1)[0]}:// store needs obstore: `pip install 'selm[cloud]'`"
+        ) from e
+    parts = urlsplit(uri)
     root = f"{parts.scheme}://{parts.netloc}"
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
     key = (root, purpose, env)
@@ -61,34 +62,35 @@ def client(location: Location, *, purpose: str = "files") -> ObjectStore:
         fast = purpose == "leases"
         retries: RetryConfig = {"max_retries": 2 if fast else 5,
                                 "retry_timeout": timedelta(seconds=15 if fast else 120)}
-        timeouts: ClientConfig = {"connect_timeout": timedelta(seconds=5),
-                                  "timeout": timedelta(seconds=10 if fast else 300)}
+        # allow_http: the endpoints are https unless the user's settings name an http one (an
+        # emulator's), which delta-rs then reaches too; without it such a store would commit
+        # through delta-rs and fail here
+        options: ClientConfig = {"connect_timeout": timedelta(seconds=5), "allow_http": True,
+                                 "timeout": timedelta(seconds=10 if fast else 300)}
         try:
-            _clients[key] = from_url(root, client_options=timeouts, retry_config=retries)
+            _clients[key] = from_url(root, client_options=options, retry_config=retries)
         except Exception as e:  # obstore raises its own config errors, and ValueError
             raise StoreError(
-                f"cannot reach the store at {location.uri}: {_scrub(e)}. Check the provider's "
+                f"cannot reach the store at {uri}: {_scrub(e)}. Check the provider's "
                 "settings in the environment (Azure: AZURE_STORAGE_ACCOUNT_NAME and a key, "
                 "SAS token or identity; GCS: GOOGLE_APPLICATION_CREDENTIALS or "
                 "GOOGLE_SERVICE_ACCOUNT); selm passes no credentials of its own.") from None
     return _clients[key]
 
 
-def bucket_path(location: Location) -> str:
+def bucket_path(uri: str) -> str:
     """The store's key prefix inside its bucket ("" for a store at the bucket's root)."""
-    return urlsplit(location.uri).path.strip("/")
+    return urlsplit(uri).path.strip("/")
 
 
-def filesystem(location: Location) -> pafs.FileSystem:
-    """A pyarrow filesystem rooted at the store, over obstore (see the module doc)."""
-    fs = pafs.PyFileSystem(_Handler(client(location)))
-    base = bucket_path(location)
+def filesystem(uri: str) -> pafs.FileSystem:
+    """A pyarrow filesystem rooted at the store at `uri`, over obstore (see the module doc)."""
+    fs = pafs.PyFileSystem(_Handler(client(uri)))
+    base = bucket_path(uri)
     return pafs.SubTreeFileSystem(base, fs) if base else fs
 
 
 def _scrub(e: BaseException) -> str:
-    from selm_data.store.location import scrub
-
     return scrub(str(e))
 
 

@@ -23,11 +23,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
 from selm_data.errors import StoreError
+from selm_data.store.secrets import scrub
 
 # scheme -> provider name, for messages
 SCHEMES = {"s3": "S3", "gs": "GCS", "az": "Azure", "abfs": "Azure", "abfss": "Azure"}
@@ -66,7 +67,7 @@ class Location:
         if self.scheme != "s3":
             from selm_data.store import cloud  # GCS and Azure: obstore (see its module doc)
 
-            return cloud.filesystem(self)
+            return cloud.filesystem(self.uri)
         try:
             fs, base = pafs.FileSystem.from_uri(self.uri)
         except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -146,28 +147,6 @@ def _remote(raw: str, scheme: str) -> Location:
             "S3 (and S3-compatible servers with conditional writes) need no lock provider."
         )
     return Location(f"{scheme}://{bucket}" + (f"/{path}" if path else ""), None)
-
-
-# Names of variables whose values are secrets: AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
-# AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN, AZURE_CLIENT_SECRET, GOOGLE_BEARER_TOKEN,
-# GOOGLE_SERVICE_ACCOUNT_KEY (a whole key file as JSON), HF_TOKEN, ...
-_SECRET_NAMES = ("SECRET", "TOKEN", "KEY", "PASSWORD", "SAS", "CREDENTIAL")
-# A SAS signature or token in a URL an SDK echoes, whatever variable (or file) it came from
-_URL_SECRETS = re.compile(r"((?:^|[?&\s])(?:sig|se|skoid|sktid|token|access_token|"
-                          r"X-Amz-Signature|X-Amz-Security-Token|X-Goog-Signature)=)[^&\s\"']+",
-                          re.IGNORECASE)
-
-
-def scrub(message: str) -> str:
-    """An error text without any credential the environment holds (SDK errors may echo them,
-    as given or URL-encoded), nor a signature or token in a URL."""
-    for name, value in os.environ.items():
-        if not value or len(value) < 8 or not any(k in name.upper() for k in _SECRET_NAMES):
-            continue
-        for form in {value, value.lstrip("?"), quote(value, safe=""), quote(value, safe="=&")}:
-            if len(form) >= 8:
-                message = message.replace(form, "***")
-    return _URL_SECRETS.sub(r"\1***", message)
 
 
 __all__ = ["SCHEMES", "Location", "parse_location", "scrub"]

@@ -193,8 +193,8 @@ class _Obstore:
 
     def __init__(self, location: Location):
         self.location = location
-        self.store = cloud.client(location, purpose="leases")
-        self.prefix = "/".join(p for p in (cloud.bucket_path(location), "_leases") if p)
+        self.store = cloud.client(location.uri, purpose="leases")
+        self.prefix = "/".join(p for p in (cloud.bucket_path(location.uri), "_leases") if p)
 
     def key(self, folder: str, generation: int) -> str:
         return f"{self.prefix}/{folder}/{generation:010d}.json"
