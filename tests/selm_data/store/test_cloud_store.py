@@ -83,9 +83,14 @@ def test_append_scan_verify_export(cloud, tmp_path, monkeypatch):
     assert snap.created and snap.row_count == 6 and str(snap.path) == f"{uri}/exports/it1"
     reopened = open_store(uri)
     assert verify(reopened) == []
-    folder = local_folder(reopened, snapshot_row(reopened, "it1"))  # what selm-train reads
+    folder = local_folder(reopened, snapshot_row(reopened, "it1"))
     assert pl.read_parquet(folder / "data").height == 6
     assert str(folder).startswith(str(tmp_path / "cache"))
+    # what `selm-train train --snapshot URI@it1` reads (training itself: tests/selm_train, S3)
+    from selm_train.data import read_examples, resolve_snapshot
+
+    ref = resolve_snapshot(f"{uri}@it1")
+    assert ref.store == uri and ref.folder == folder and len(read_examples(ref)) == 6
 
     # verify reads the blobs themselves: a snapshot file changed there is found
     import obstore
@@ -186,6 +191,35 @@ def test_a_live_holder_keeps_its_lease_past_the_ttl(cloud):
     with pytest.raises(LeaseHeldError):
         store.claim("work/live")
     assert live.wait(60) == 0
+
+
+def test_an_append_costs_six_lease_requests(cloud, monkeypatch):
+    """The table lock around an uncontended append: list, read the last holder, create, list
+    again, delete the older generation, and one write to release (bench/README.md has S3's).
+    Counted at obstore's calls on lease objects."""
+    import obstore
+
+    calls: list[str] = []
+
+    def counted(name):
+        real = getattr(obstore, name)
+
+        def call(store, path=None, *args, **kwargs):
+            if "_leases/" in str(path):
+                calls.append(name)
+            return real(store, path, *args, **kwargs)
+        return call
+
+    store = new_store(cloud.uri)
+    rows = chain_rows(1, 21)["prompts"]
+    store.append("prompts", rows[:1])  # the run's record, and the server clock's first probe
+    for name in ("list", "get", "put", "delete", "head", "list_with_delimiter"):
+        monkeypatch.setattr(obstore, name, counted(name))
+    for i in range(1, 21):
+        store.append("prompts", rows[i:i + 1])
+    print(f"{cloud.uri.split(':')[0]}: {len(calls) / 20:.2f} lease requests an append",
+          {name: calls.count(name) for name in set(calls)})
+    assert len(calls) == 20 * 6
 
 
 # --- failure injection: the connection cut as the commit goes up --------------------------
