@@ -190,6 +190,8 @@ def gcs_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsFake]:
             if key.startswith("GOOGLE_"):
                 mp.delenv(key)
         mp.setenv("GOOGLE_SERVICE_ACCOUNT", str(service_account(folder, endpoint)))
+        # a credential in the environment as a user's would be; with oauth off it is not sent
+        mp.setenv("GOOGLE_BEARER_TOKEN", SECRET)
         try:
             wait_for_port(port)
             yield GcsFake(endpoint, process)

@@ -8,10 +8,11 @@
 Anything else that looks like a URI is refused: `s3:/bucket` or `S3://bucket` must never
 become a local folder named `s3:` that builds, verifies and exports without complaint.
 
-Credentials are never handled here. delta-rs, polars and pyarrow each read the provider's usual
-configuration themselves (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_PROFILE``,
-instance roles, ``AWS_ENDPOINT_URL`` and ``AWS_ALLOW_HTTP`` for S3-compatible servers,
-``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``), so nothing secret is ever passed
+Credentials are never handled here. delta-rs, polars, pyarrow (S3) and obstore (GCS and Azure,
+see `cloud`) each read the provider's usual configuration themselves (``AWS_ACCESS_KEY_ID``/
+``AWS_SECRET_ACCESS_KEY``/``AWS_PROFILE``, instance roles, ``AWS_ENDPOINT_URL`` and
+``AWS_ALLOW_HTTP`` for S3-compatible servers, ``GOOGLE_APPLICATION_CREDENTIALS``,
+``GOOGLE_SERVICE_ACCOUNT``, ``AZURE_STORAGE_*``), so nothing secret is ever passed
 through selm, stored, logged or put in a message. The one setting we do read is a refusal:
 ``AWS_S3_ALLOW_UNSAFE_RENAME`` turns off delta-rs's put-if-absent commits, which concurrent
 builders rely on.

@@ -250,8 +250,9 @@ def test_a_dropped_commit_leaves_the_last_version_and_the_rerun_completes(cloud,
 
 
 def test_planted_credential_is_nowhere(cloud, caplog, capfd, monkeypatch):
-    """Azure: the account key, which signs every request. GCS: the service account's private
-    key (the scripted server needs no token, so it is read but not sent)."""
+    """Azure: the account key, which signs every request. GCS: a bearer token in the
+    environment and the service account's private key (the scripted server needs no token,
+    so neither is sent)."""
     uri, secret = cloud.uri, cloud.server.secret
     caplog.set_level(logging.DEBUG)
     store = new_store(uri, command=command_line(["build", f"--hf-token={secret}"]))
