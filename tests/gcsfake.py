@@ -4,7 +4,9 @@ No GCS emulator installable here speaks the API that object_store (obstore, delt
 uses on gs://: its XML API (PUT/GET/HEAD/DELETE of `/<bucket>/<object>` and a bucket listing
 `?list-type=2`). fake-gcs-server answers its uploads with "invalid uploadType" (its XML
 support is an unmerged pull request) and gcp-storage-emulator sends no ETag and no listing.
-So this is the subset object_store needs, written from GCS's XML API documentation:
+Neither honoured put-if-absent either when tried on its JSON API (a second
+`uploadType=media&ifGenerationMatch=0` of one name answered 200 and replaced it). So this is
+the subset object_store needs, written from GCS's XML API documentation:
 
 - PUT with ``x-goog-if-generation-match: 0`` creates only if absent, else 412 Precondition
   Failed: GCS's put-if-absent, which selm's leases and delta-rs's commits rely on.
