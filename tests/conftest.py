@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from azurite import az_uri, azure_proxy, azurite  # noqa: F401  (Azurite's fixtures)
+from gcsfake import gcs_fake, gcs_proxy, gs_uri  # noqa: F401  (the scripted GCS server's)
 from s3server import proxy, s3_server, s3_uri  # noqa: F401  (the S3 server's fixtures)
 from selm_data.store.store import RunInfo, Store, open_store
 

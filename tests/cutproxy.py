@@ -17,6 +17,7 @@ import struct
 import sys
 import threading
 import time
+from urllib.parse import unquote_to_bytes
 
 cut = threading.Event()
 armed = threading.Event()  # cut at the next commit
@@ -85,7 +86,8 @@ def on_lose_reply(*_: object) -> None:
 
 
 def is_commit(data: bytes) -> bool:
-    line = data.split(b"\r\n", 1)[0]
+    # GCS's client percent-encodes the object name: ".../_delta_log%2F0000...%2Ejson"
+    line = unquote_to_bytes(data.split(b"\r\n", 1)[0])
     return data.startswith(b"PUT ") and b"/_delta_log/" in line and b".json" in line
 
 

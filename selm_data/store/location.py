@@ -8,10 +8,11 @@
 Anything else that looks like a URI is refused: `s3:/bucket` or `S3://bucket` must never
 become a local folder named `s3:` that builds, verifies and exports without complaint.
 
-Credentials are never handled here. delta-rs, polars and pyarrow each read the provider's usual
-configuration themselves (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_PROFILE``,
-instance roles, ``AWS_ENDPOINT_URL`` and ``AWS_ALLOW_HTTP`` for S3-compatible servers,
-``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``), so nothing secret is ever passed
+Credentials are never handled here. delta-rs, polars, pyarrow (S3) and obstore (GCS and Azure,
+see `cloud`) each read the provider's usual configuration themselves (``AWS_ACCESS_KEY_ID``/
+``AWS_SECRET_ACCESS_KEY``/``AWS_PROFILE``, instance roles, ``AWS_ENDPOINT_URL`` and
+``AWS_ALLOW_HTTP`` for S3-compatible servers, ``GOOGLE_APPLICATION_CREDENTIALS``,
+``GOOGLE_SERVICE_ACCOUNT``, ``AZURE_STORAGE_*``), so nothing secret is ever passed
 through selm, stored, logged or put in a message. The one setting we do read is a refusal:
 ``AWS_S3_ALLOW_UNSAFE_RENAME`` turns off delta-rs's put-if-absent commits, which concurrent
 builders rely on.
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from selm_data.errors import StoreError
+from selm_data.store.secrets import scrub
 
 # scheme -> provider name, for messages
 SCHEMES = {"s3": "S3", "gs": "GCS", "az": "Azure", "abfs": "Azure", "abfss": "Azure"}
@@ -58,10 +60,15 @@ class Location:
     def filesystem(self) -> pafs.FileSystem:
         """A pyarrow filesystem rooted at the store: paths are relative to it ("pairs/x").
 
-        pyarrow resolves credentials from the environment itself, as delta-rs does.
+        On S3, pyarrow resolves credentials from the environment itself, as delta-rs does; on
+        GCS and Azure the files go through obstore, which reads what delta-rs reads.
         """
         if self.local is not None:
             return pafs.SubTreeFileSystem(str(self.local), pafs.LocalFileSystem())
+        if self.scheme != "s3":
+            from selm_data.store import cloud  # GCS and Azure: obstore (see its module doc)
+
+            return cloud.filesystem(self.uri)
         try:
             fs, base = pafs.FileSystem.from_uri(self.uri)
         except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -115,12 +122,15 @@ def _local(raw: str) -> Location:
 
 def _remote(raw: str, scheme: str) -> Location:
     parts = urlsplit(raw)
-    if parts.username or parts.password or parts.query:
+    # abfss://CONTAINER@ACCOUNT.dfs.core.windows.net/path names its container where a user goes
+    user = parts.username if scheme not in ("abfs", "abfss") else None
+    if user or parts.password or parts.query:
         # s3://KEY:SECRET@bucket would put a credential into every message and commit
         raise StoreError(
             f"store URI for {SCHEMES[scheme]} must not carry credentials or options "
             "(user:password@ or ?...): give them in the environment as the provider's "
-            "SDK reads them (AWS_* variables, a profile, an instance role)."
+            "SDK reads them (AWS_* variables, a profile, an instance role; AZURE_STORAGE_*; "
+            "GOOGLE_APPLICATION_CREDENTIALS)."
         )
     bucket, path = parts.netloc, parts.path.strip("/")
     if not bucket:
@@ -138,16 +148,6 @@ def _remote(raw: str, scheme: str) -> Location:
             "S3 (and S3-compatible servers with conditional writes) need no lock provider."
         )
     return Location(f"{scheme}://{bucket}" + (f"/{path}" if path else ""), None)
-
-
-def scrub(message: str) -> str:
-    """An error text without any credential the environment holds (SDK errors may echo them)."""
-    for name, value in os.environ.items():
-        if value and len(value) >= 8 and any(
-                k in name.upper() for k in ("SECRET", "TOKEN", "KEY", "PASSWORD", "SAS")):
-            message = message.replace(value, "***")
-    return message
-
 
 
 __all__ = ["SCHEMES", "Location", "parse_location", "scrub"]

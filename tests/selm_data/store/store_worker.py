@@ -6,6 +6,7 @@ or start a second claimant while the first holds its lease.
 
 from __future__ import annotations
 
+import importlib
 import resource
 import signal
 import sys
@@ -38,7 +39,8 @@ def claim_and_write(store_path: str, work: str, hold: float, first: int,
                     go: str | None = None) -> None:
     store = open_store(store_path, run=RunInfo.new(f"worker claim {work}"))
     if go is not None:  # claimants start together: the claim itself is the race
-        import boto3  # noqa: F401  (imported before the start, as claim would)
+        # the lease client's library imported before the start, as claim would
+        importlib.import_module("boto3" if store_path.startswith("s3://") else "obstore")
 
         print("ready", flush=True)
         while not Path(go).exists():
