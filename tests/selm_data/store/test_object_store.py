@@ -113,50 +113,13 @@ def test_append_scan_verify_export_at_s3(s3_uri, s3_server, tmp_path, monkeypatc
     assert any(p.check == "snapshot files" for p in verify(reopened))
 
 
-def test_time_travel_at_s3(s3_uri):
-    store = new_store(s3_uri)
-    rows = chain_rows(1, 4)
-    first = store.append("prompts", rows["prompts"][:2]).version
-    store.append("prompts", rows["prompts"][2:])
-    assert store.scan("prompts", version=first).collect().height == 2
-    assert store.scan("prompts").collect().height == 4
-
-
-# --- leases without flock -----------------------------------------------------------------
+# --- leases without flock (the tests every object store shares: test_cloud_store.py) -------
 
 
 def worker(*args: str, ttl: float = 3.0) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(WORKER), *args], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=child_env(SELM_LEASE_TTL_S=str(ttl)))
-
-
-def test_two_claimants_of_one_shard_only_one_builds(s3_uri):
-    store = new_store(s3_uri)
-    first = worker("claim", s3_uri, "build/iter=1/shard=0-of-2", "4", "0")
-    assert first.stdout.readline().startswith("claimed")
-    second = worker("claim", s3_uri, "build/iter=1/shard=0-of-2", "0", "100")
-    _, err = second.communicate(timeout=60)
-    assert second.returncode == 3, err
-    assert "already being done by run" in err and "pid" in err
-    assert first.wait(60) == 0
-    assert store.scan("prompts").collect().height == 10  # only the holder wrote
-    # released: the next claimant takes it at once, and finds nothing to take over
-    with store.claim("build/iter=1/shard=0-of-2") as lease:
-        assert lease.taken_over is None
-
-
-def test_claimants_racing_for_one_shard_at_once_exactly_one_wins(s3_uri, tmp_path):
-    new_store(s3_uri)
-    go = tmp_path / "go"
-    racers = [worker("claim", s3_uri, "build/iter=1/shard=1-of-2", "3", "0", str(go))
-              for _ in range(4)]
-    for r in racers:
-        assert r.stdout.readline() == "ready\n"
-    go.touch()
-    codes = [r.wait(120) for r in racers]
-    assert sorted(codes) == [0, 3, 3, 3], [r.stderr.read() for r in racers]
-    assert open_store(s3_uri).scan("prompts").collect().height == 10
 
 
 def test_a_killed_holder_is_taken_over_after_expiry_and_nothing_is_lost(s3_uri):
@@ -173,37 +136,6 @@ def test_a_killed_holder_is_taken_over_after_expiry_and_nothing_is_lost(s3_uri):
     with store.claim("build/iter=1/shard=0-of-1") as lease:
         assert lease.taken_over is not None and lease.taken_over.run_id == dead_run
         assert lease.held
-
-
-def test_a_builder_killed_mid_chunk_then_taken_over(s3_uri):
-    """The holder writes chunks of rows and is killed between two; the next claimant, after
-    the expiry, writes the whole shard again: the chunks stored are skipped, none is doubled."""
-    new_store(s3_uri)
-    first = worker("claimwrite", s3_uri, "build/iter=1/shard=0-of-1", "5", ttl=2.0)
-    for _ in range(2):  # two chunks of ten rows committed
-        line = first.stdout.readline()
-        assert line.startswith("done"), line + first.stderr.read()
-    first.kill()
-    first.wait()
-    time.sleep(3.5)
-    second = worker("claimwrite", s3_uri, "build/iter=1/shard=0-of-1", "5", ttl=2.0)
-    out, err = second.communicate(timeout=120)
-    assert second.returncode == 0, err
-    assert "took over from run" in out
-    store = open_store(s3_uri)
-    prompts = store.scan("prompts").collect()
-    assert prompts.height == 50 and prompts["prompt_id"].n_unique() == 50
-    assert verify(store) == []
-
-
-def test_a_live_holder_keeps_its_lease_past_the_ttl(s3_uri):
-    store = new_store(s3_uri)
-    live = worker("claim", s3_uri, "work/live", "5", "0", ttl=1.5)
-    assert live.stdout.readline().startswith("claimed")
-    time.sleep(3)  # two ttls: only the heartbeat keeps it
-    with pytest.raises(LeaseHeldError):
-        store.claim("work/live")
-    assert live.wait(60) == 0
 
 
 def test_status_lists_object_leases(s3_uri):
