@@ -241,6 +241,9 @@ def test_collectives_get_tensors_on_the_group_device(monkeypatch):
 
 
 NONFINITE_WORKER = """
+import sys
+from pathlib import Path
+
 import torch
 from selm_data.errors import SelmError
 from selm_train.engine import init_distributed
@@ -251,9 +254,11 @@ dist = init_distributed(device="cpu")
 loss = float("nan") if dist.rank == 1 else 0.5
 try:
     _stop_if_nonfinite(LossOutput(torch.tensor([loss, 0.25]), {}), 3, dist)
-    print(f"rank {dist.rank} went on", flush=True)
+    outcome = "went on"
 except SelmError as e:
-    print(f"rank {dist.rank} stopped: {e}", flush=True)
+    outcome = f"stopped: {e}"
+# one file a rank: two ranks printing to one pipe can interleave their lines
+Path(sys.argv[1], f"rank{dist.rank}.txt").write_text(f"rank {dist.rank} {outcome}")
 torch.distributed.destroy_process_group()
 """
 
@@ -267,10 +272,10 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--standalone", str(script)], capture_output=True, text=True,
-                          timeout=300, env=env)
+                           "--standalone", str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = sorted(x for x in proc.stdout.splitlines() if x.startswith("rank "))
+    lines = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))
     message = "stopped: step 3: 1 of 4 losses are not finite"
     assert len(lines) == 2 and all(message in x for x in lines), lines
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]
