@@ -6,6 +6,7 @@ scores r* gives, exported, trained, registered and generated from, with lineage 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,34 +66,100 @@ def test_task_prompts_and_tokenizer():
     assert len(ids) == 3 and tokenizer.decode(ids) == text, "one token a word, round trip"
 
 
+def run_testbed(out: Path) -> None:
+    command = [sys.executable, str(BENCH / "testbed" / "run.py"), "--quick", "--out", str(out),
+               "--jobs", "2"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_quick_run_goes_through_the_pipeline_and_the_store(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(BENCH / "testbed" / "run.py"), "--quick",
-                           "--out", str(out), "--jobs", "2"],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_testbed(out)
     results = json.loads((out / "results.json").read_text())
+    provenance = json.loads((out / "provenance.json").read_text())
     T, n_eval = results["settings"]["iterations"], results["settings"]["eval_prompts"]
     per_iter = results["settings"]["prompts_per_iteration"]
     assert results["methods"] == ["dpo", "selm-0.1", "sail-pr"] and results["seeds"] == ["0"]
-    for name in ("reward_by_iteration", "reward_distributions", "implicit_rewards",
-                 "yref_wins"):
-        png = (out / f"{name}.png").read_bytes()
-        assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
+    assert list(results["regimes"]) == ["self", "stronger"]
+    for regime in results["regimes"]:
+        for name in ("reward_by_iteration", "reward_distributions", "implicit_rewards",
+                     "yref_wins"):
+            png = (out / f"{regime}-{name}.png").read_bytes()
+            assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
     table = (out / "results.md").read_text()
-    assert all(f"| {m} |" in table for m in results["methods"]) and "Wall time" in table
+    assert all(f"| {m} |" in table for m in results["methods"])
+    assert "## Regime `self`" in table and "## Regime `stronger`" in table
+    assert "Wall time" in provenance["timing"] and str(tmp_path) not in json.dumps(results)
 
     reward = TrueReward.make()
     base = results["base"]["0"]
     assert len(base["greedy_rewards"]) == n_eval
-    for method in results["methods"]:
-        run = results["runs"][method]["0"]
-        assert [it["iteration"] for it in run["iterations"]] == list(range(1, T + 1))
-        for it in run["iterations"]:
-            assert len(it["greedy_rewards"]) == n_eval and it["steps"] > 0
-            assert all(row["loss"] == row["loss"] for row in it["history"]), "finite losses"
-        _check_store(open_store(run["store"]), method, T, per_iter, reward)
+    for regime, data in results["regimes"].items():
+        for method in results["methods"]:
+            run = data["runs"][method]["0"]
+            assert [it["iteration"] for it in run["iterations"]] == list(range(1, T + 1))
+            for it in run["iterations"]:
+                assert len(it["greedy_rewards"]) == n_eval and it["steps"] > 0
+                assert all(row["loss"] == row["loss"] for row in it["history"]), "finite"
+            store = open_store(provenance["regimes"][regime][method]["0"]["store"])
+            _check_store(store, method, T, per_iter, reward)
+            _check_source(store, out / "work" / "seed-0" / f"data-{regime}.jsonl")
+
+    # The same command writes the same files, byte for byte: the report from the kept units,
+    # and a unit trained again from nothing (its folder removed; ids hash the paths in a
+    # checkpoint's lineage, so it must be the same --work)
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".png")}
+    files["results.json"] = (out / "results.json").read_bytes()
+    assert len(files) == 10
+    shutil.rmtree(out / "work" / "runs" / "stronger" / "dpo-s0")
+    run_testbed(out)
+    assert json.loads((out / "provenance.json").read_text())["reused_units"] == 6
+    assert {p: (out / p).read_bytes() for p in files} == files
+
+
+def _check_source(store, data: Path) -> None:
+    """Every iteration's dataset answers are the regime's dataset's (y_w, y_l)."""
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    pairs = {(r["chosen"], r["rejected"]) for r in rows}
+    stored = store.scan("responses").filter(pl.col("origin") != "policy").select(
+        "prompt_id", "origin", "text").collect()
+    by_prompt: dict[str, dict[str, str]] = {}
+    for row in stored.iter_rows(named=True):
+        by_prompt.setdefault(row["prompt_id"], {})[row["origin"]] = row["text"]
+    assert by_prompt and all((r["dataset_chosen"], r["dataset_rejected"]) in pairs
+                             for r in by_prompt.values())
+
+
+@pytest.mark.slow
+def test_the_stronger_regime_stays_calibrated(tmp_path):
+    """The stronger regime's point: at iteration 1 the base policy's greedy y_ref is the
+    chosen answer of 30-40% of the new pairs (the demo build on UltraFeedback: 34%), not the
+    59% of the self regime. Seed 0 at the shipped settings, through the real build and store;
+    this fails if the styles, the base fit or the pairing drift (25-45% allowed)."""
+    from testbed import pipeline, policy
+    from testbed.run import settings_for
+
+    from selm_data.builder.iteration import build
+    from selm_data.store.store import RunInfo
+
+    settings = settings_for(quick=False)
+    reward = TrueReward.make()
+    train, _ = split_prompts(settings.iterations * settings.prompts_per_iteration,
+                             settings.eval_prompts)
+    base, data = tmp_path / "base", tmp_path / "data.jsonl"
+    policy.fit_base(base, train, reward, seed=0, steps=settings.sft_steps)
+    stats = policy.stronger_dataset(train, reward, data, seed=0)
+    assert all(r > 1.0 for r in stats["style_reward_mean"].values()), stats
+    m = pipeline.manifest(pipeline.METHODS["dpo"], settings, seed=0, base=base, data=data,
+                          folder=tmp_path)
+    store = open_store(m.store, create=True, run=RunInfo.new("test", manifest_hash=m.hash(),
+                                                             manifest_json=m.canonical_json()))
+    build(m, 1, store, ranker=OracleRanker(reward))
+    shares = pipeline.store_stats(store, 1)
+    assert 0.25 <= shares["chosen_is_policy"] <= 0.45, shares
+    assert 0.30 <= shares["policy_beats_chosen"] <= 0.55, shares
 
 
 def _check_store(store, method: str, T: int, per_iter: int, reward: TrueReward) -> None:
@@ -130,8 +197,7 @@ def _check_store(store, method: str, T: int, per_iter: int, reward: TrueReward) 
         assert used == {checkpoints["fingerprint"][t - 2]}, f"{method} iteration {t}"
     for folder in snapshots["path"]:
         assert (store.root / folder / "snapshot.json").is_file()
-    _check_trained(checkpoints["path"].to_list(), store.root.parent.parent.parent / "seed-0" /
-                   "base")
+    _check_trained(checkpoints["path"].to_list(), store.root.parents[3] / "seed-0" / "base")
 
 
 def _check_trained(paths: list[str], base: Path) -> None:

@@ -42,20 +42,29 @@ class Method:
     name: str
     loss: str  # dpo | selm | sail
     alpha: float = 0.0  # selm (the public code's convention: the term is alpha*beta*(...))
-    sail: dict[str, float] = field(default_factory=dict)
+    sail: dict[str, Any] = field(default_factory=dict)
     rule: str = "best_worst"  # pairing.rule
-    pairs: str = "ranked"  # ranked | original (offline DPO on the dataset's own pairs)
+    pairs: str = "ranked"  # ranked | original (the dataset's own pairs of portion t)
 
 
+HOOK = {"extra_gradient": "reference_hook"}
 METHODS = {m.name: m for m in (
-    Method("dpo", "dpo"),  # iterative DPO: SELM's pairs, alpha = 0
-    Method("selm-0.001", "selm", alpha=0.001),
+    # iterative DPO: SELM's pairs and SELM's loss at alpha 0, which equals DPO's loss exactly
+    # (tests/selm_train/test_losses.py) and also logs y_ref's implicit reward (Figure 4)
+    Method("dpo", "selm", alpha=0.0),
+    Method("selm-0.0001", "selm", alpha=0.0001),
+    Method("selm-0.001", "selm", alpha=0.001),  # the paper's Zephyr recipe
     Method("selm-0.01", "selm", alpha=0.01),
     Method("selm-0.1", "selm", alpha=0.1),
-    # SAIL's reference recipes: one route beside plain DPO on the dataset pair (SailSpec)
-    Method("sail-dp", "sail", sail={"r": 0.4, "rho": 0.2}, rule="sail"),
+    # SAIL's reference recipes: one route beside plain DPO on the dataset pair (SailSpec).
+    # DP trains on the dataset pair alone (relabelled by the policy), so its build samples
+    # nothing (`pairs: original`); the extra gradient exists on PP and PR only, so those two
+    # run in both forms (score_function, the default, and the reference code's hook).
+    Method("sail-dp", "sail", sail={"r": 0.4, "rho": 0.2}, pairs="original"),
     Method("sail-pp", "sail", sail={"p": 0.3, "pi": 0.2}, rule="sail"),
+    Method("sail-pp-hook", "sail", sail={"p": 0.3, "pi": 0.2, **HOOK}, rule="sail"),
     Method("sail-pr", "sail", sail={"g": 0.3, "gamma": 0.3}, rule="sail"),
+    Method("sail-pr-hook", "sail", sail={"g": 0.3, "gamma": 0.3, **HOOK}, rule="sail"),
     Method("offline-dpo", "dpo", pairs="original"),  # the dataset's own pairs, every iteration
 )}
 
@@ -152,13 +161,18 @@ def store_stats(store: Store, iteration: int) -> dict:
         (pl.col("origin") == "policy").mean().alias("policy_ranked_first")).collect()
     policy = judged.filter(pl.col("origin") == "policy").select(
         pl.col("score").mean().alias("policy_reward_mean")).collect()
+    # the policy's answer (SAIL: the better of its two) against the dataset's chosen y_w
+    versus = judged.group_by("ranking_id").agg(
+        pl.col("score").filter(pl.col("origin") == "policy").max().alias("policy"),
+        pl.col("score").filter(pl.col("origin") == "dataset_chosen").max().alias("chosen"),
+    ).select((pl.col("policy") > pl.col("chosen")).mean().alias("policy_beats_chosen")).collect()
     pairs = store.scan("pairs").filter(it & (pl.col("rule") != "sail_policy")).select(
         pl.len().alias("pairs"), pl.col("is_tie").mean().alias("tie_rate"),
         (pl.col("chosen_origin") == "policy").mean().alias("chosen_is_policy"),
         (pl.col("rejected_origin") == "policy").mean().alias("rejected_is_policy"),
         pl.col("margin").mean().alias("margin_mean")).collect()
     return {**firsts.row(0, named=True), **policy.row(0, named=True),
-            **pairs.row(0, named=True)}
+            **versus.row(0, named=True), **pairs.row(0, named=True)}
 
 
 def run_method(method: Method, settings: Settings, *, seed: int, base: Path, data: Path,

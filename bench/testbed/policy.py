@@ -23,6 +23,7 @@ import json
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,32 +31,60 @@ import torch
 
 from testbed.task import ANSWER_WORDS, REWARD_SEED, ModelSize, TrueReward, build_model
 
-ZIPF = 0.7  # prior weight of the k-th most frequent answer word: 1 / k**ZIPF
-AWARENESS = 0.5  # SFT tilt: a word's prior weight times exp(AWARENESS * value(w | x))
-LENGTHS = (3, 10)  # SFT answer lengths, uniform, inclusive
 MAX_NEW_TOKENS = 16  # generation budget everywhere (10-word answers + room to ramble)
 
 
-def sft_weights(reward: TrueReward, prompt: str) -> list[float]:
-    """The SFT distribution's (unnormalised) weight of each answer word for `prompt`."""
+@dataclass(frozen=True)
+class Style:
+    """A way of answering, as a distribution over answers: `lengths` (uniform, inclusive)
+    distinct answer words drawn without replacement with weight
+    exp(awareness * value(w | x)) / rank(w) ** zipf, where rank orders the words by a
+    frequency that `order_seed` shuffles, written in increasing word order (the grammar)."""
+
+    name: str
+    awareness: float  # how much the prompt's tastes tilt the words (0: not at all)
+    zipf: float = 0.7  # how concentrated the word prior is on a few frequent words
+    order_seed: int = REWARD_SEED + 2  # which words are frequent
+    lengths: tuple[int, int] = (3, 10)
+
+
+# The base policy's SFT distribution: generic, slightly aware of the prompt's tastes.
+BASE_STYLE = Style("base", awareness=0.5)
+# The stronger regime's dataset models (the miniature's UltraFeedback mix of GPT-4-class and
+# weaker models): each knows more of the tastes than the base and has its own word frequencies
+# and lengths, so their answers are better than the base's and different from them. Calibrated
+# (README.md here) so that the base's greedy y_ref is ranked first in 30-40% of iteration 1's
+# rankings, as in the demo build on UltraFeedback (34%).
+STRONGER_STYLES = (
+    Style("model-a", awareness=0.5, zipf=0.5, order_seed=REWARD_SEED + 101, lengths=(2, 8)),
+    Style("model-b", awareness=0.6, zipf=0.4, order_seed=REWARD_SEED + 102, lengths=(3, 9)),
+    Style("model-c", awareness=0.75, zipf=0.3, order_seed=REWARD_SEED + 103, lengths=(3, 8)),
+    Style("model-d", awareness=1.0, zipf=0.2, order_seed=REWARD_SEED + 104, lengths=(2, 7)),
+)
+
+
+def style_weights(style: Style, reward: TrueReward, prompt: str) -> list[float]:
+    """The style's (unnormalised) weight of each answer word for `prompt`."""
     order = list(ANSWER_WORDS)
-    random.Random(REWARD_SEED + 2).shuffle(order)  # which words are frequent: fixed by the task
+    random.Random(style.order_seed).shuffle(order)
     rank = {w: k + 1 for k, w in enumerate(order)}
     topics = prompt.split()
-    return [math.exp(AWARENESS * reward.value(w, topics)) / rank[w] ** ZIPF
+    return [math.exp(style.awareness * reward.value(w, topics)) / rank[w] ** style.zipf
             for w in ANSWER_WORDS]
 
 
-def sft_batch(reward: TrueReward, prompts: Sequence[str],
-              generator: torch.Generator) -> list[list[int]]:
-    """One SFT answer per prompt, as indexes into ANSWER_WORDS: a uniform length, then that
-    many distinct words drawn one after another with probability proportional to
-    `sft_weights` among the words not drawn yet (Gumbel top-k: the same distribution)."""
-    weights = torch.tensor([sft_weights(reward, p) for p in prompts], dtype=torch.float64)
+def style_batch(style: Style, reward: TrueReward, prompts: Sequence[str],
+                generator: torch.Generator) -> list[list[int]]:
+    """One answer of `style` per prompt, as indexes into ANSWER_WORDS: a uniform length, then
+    that many distinct words drawn one after another with probability proportional to
+    `style_weights` among the words not drawn yet (Gumbel top-k: the same distribution)."""
+    weights = torch.tensor([style_weights(style, reward, p) for p in prompts],
+                           dtype=torch.float64)
     gumbel = -torch.log(-torch.log(torch.rand(weights.shape, generator=generator,
                                               dtype=torch.float64)))
     order = torch.argsort(weights.log() + gumbel, dim=1, descending=True)
-    lengths = torch.randint(LENGTHS[0], LENGTHS[1] + 1, (len(prompts),), generator=generator)
+    low, high = style.lengths
+    lengths = torch.randint(low, high + 1, (len(prompts),), generator=generator)
     return [sorted(row[:n].tolist()) for row, n in zip(order, lengths.tolist(), strict=True)]
 
 
@@ -90,8 +119,8 @@ def fit_base(folder: Path, prompts: Sequence[str], reward: TrueReward, *, seed: 
     model.train()
     for _ in range(steps):
         picked = rng.choices(prompts, k=batch)
-        rows = [(heads[p], [words[i] for i in answer] + [eos])
-                for p, answer in zip(picked, sft_batch(reward, picked, generator), strict=True)]
+        rows = [(heads[p], [words[i] for i in answer] + [eos]) for p, answer in
+                zip(picked, style_batch(BASE_STYLE, reward, picked, generator), strict=True)]
         width = max(len(h) + len(a) for h, a in rows)
         ids = torch.full((batch, width), eos, dtype=torch.long)
         labels = torch.full((batch, width), -100, dtype=torch.long)
@@ -153,7 +182,44 @@ def preference_dataset(folder: Path, prompts: Sequence[str], reward: TrueReward,
                 first[i] = text
             else:
                 second[i] = text
-    rng = random.Random(seed + 3)
+    return label_pairs(prompts, first, second, reward, path, rng=random.Random(seed + 3))
+
+
+def stronger_dataset(prompts: Sequence[str], reward: TrueReward, path: Path, *,
+                     seed: int) -> dict:
+    """The stronger regime's dataset: per prompt, answers of two different `STRONGER_STYLES`
+    (picked at random, as UltraFeedback samples 4 of its 17 models a prompt), labelled by
+    Bradley-Terry on r*, written to `path` (flat jsonl). Returns label statistics and each
+    style's mean r*."""
+    rng = random.Random(seed + 5)
+    generator = torch.Generator().manual_seed(seed + 7)
+    picks = [rng.sample(range(len(STRONGER_STYLES)), 2) for _ in prompts]
+    texts: list[list[str]] = [["", ""] for _ in prompts]
+    for attempt in range(20):  # resample the few prompts whose two answers coincide
+        redo = [i for i, t in enumerate(texts) if t[0] == t[1]]
+        if not redo:
+            break
+        for k, style in enumerate(STRONGER_STYLES):
+            for side in (0, 1) if attempt == 0 else (1,):
+                rows = [i for i in redo if picks[i][side] == k]
+                if not rows:
+                    continue
+                answers = style_batch(style, reward, [prompts[i] for i in rows], generator)
+                for i, answer in zip(rows, answers, strict=True):
+                    texts[i][side] = " ".join(ANSWER_WORDS[w] for w in answer)
+    stats = label_pairs(prompts, [t[0] for t in texts], [t[1] for t in texts], reward, path,
+                        rng=random.Random(seed + 3))
+    by_style: dict[str, list[float]] = {s.name: [] for s in STRONGER_STYLES}
+    for p, pick, pair in zip(prompts, picks, texts, strict=True):
+        for k, text in zip(pick, pair, strict=True):
+            by_style[STRONGER_STYLES[k].name].append(reward(p, text))
+    return {**stats, "style_reward_mean": {k: sum(v) / len(v) for k, v in by_style.items()}}
+
+
+def label_pairs(prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
+                reward: TrueReward, path: Path, *, rng: random.Random) -> dict:
+    """Label each (first, second) by Bradley-Terry on r* (the first is chosen with probability
+    sigmoid(r*(first) - r*(second))), write the flat jsonl, return label statistics."""
     rows: list[dict[str, Any]] = []
     agree = 0
     for p, a, b in zip(prompts, first, second, strict=True):

@@ -37,9 +37,43 @@ def greedy_mean(results: dict, method: str, seed: str, t: int) -> float:
     return statistics.fmean(rewards)
 
 
+def view(results: dict, regime: str) -> dict:
+    """The results of one regime, shaped as one run of the testbed (`runs[method][seed]`)."""
+    return {**results, "regime": regime, "runs": results["regimes"][regime]["runs"]}
+
+
 def table(results: dict) -> str:
+    """Markdown: both regimes side by side at the last iteration, then each regime's tables."""
+    T, seeds, methods = results["settings"]["iterations"], results["seeds"], results["methods"]
+    regimes = list(results["regimes"])
+    lines = [f"# Testbed results: {len(regimes)} regimes x {len(methods)} methods x "
+             f"{len(seeds)} seeds x {T} iterations", "",
+             "Regimes (where the initial preference dataset's answers come from):", ""]
+    lines += [f"- `{r}`: {results['regimes'][r]['description']}" for r in regimes]
+    base = fmt([statistics.fmean(results["base"][s]["greedy_rewards"]) for s in seeds])
+    lines += ["", f"Mean r* of greedy answers to the held-out prompts at iteration {T} (base "
+              f"policy: {base}), and the paired difference from iterative DPO; mean ± 95% "
+              "t-interval over seeds:", "",
+              "| method | " + " | ".join(f"{r}: iter {T} | {r}: − dpo" for r in regimes) + " |",
+              "|---|" + "---|---|" * len(regimes)]
+    for m in methods:
+        cells = []
+        for r in regimes:
+            v = view(results, r)
+            cells.append(fmt([greedy_mean(v, m, s, T) for s in seeds]))
+            cells.append("" if m == "dpo" or "dpo" not in methods else
+                         fmt([greedy_mean(v, m, s, T) - greedy_mean(v, "dpo", s, T)
+                              for s in seeds]))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for r in regimes:
+        lines += ["", f"## Regime `{r}`", "", regime_table(view(results, r))]
+    return "\n".join(lines)
+
+
+def regime_table(results: dict) -> str:
     """Markdown: the reward table (Table 1's analogue), the paired differences against
-    iterative DPO, the data each iteration made (y_ref wins), and the runs' health."""
+    iterative DPO, the data each iteration made (y_ref wins), Figure 4's implicit rewards,
+    the optimism term against the DPO term, and the runs' health."""
     T, seeds, methods = results["settings"]["iterations"], results["seeds"], results["methods"]
     best = results["eval_best_mean"]
     lines = [
@@ -82,11 +116,16 @@ def table(results: dict) -> str:
             reward = fmt([d["policy_reward_mean"] for d in data])
             cells.append(f"{first} / {reward}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += shares_tables(results)
+    lines += implicit_table(results)
+    lines += optimism_table(results)
     lines += ["", "Training: loss of the first and last step of each iteration (mean over "
-              "seeds), distinct greedy answers (of the held-out prompts) and their mean length "
-              "at the last iteration:", "",
-              "| method | " + " | ".join(f"iter {t} loss" for t in range(1, T + 1))
-              + " | distinct answers | length |", "|---|" + "---|" * (T + 2)]
+              "seeds), distinct greedy answers (of the held-out prompts) at the last "
+              "iteration, and the mean length in words of the greedy answers by iteration:",
+              "", "| method | " + " | ".join(f"iter {t} loss" for t in range(1, T + 1))
+              + " | distinct answers | length by iteration |", "|---|" + "---|" * (T + 2)]
+    base_length = statistics.fmean(statistics.fmean(results["base"][s]["greedy_lengths"])
+                                   for s in seeds)
     for m in methods:
         runs = [results["runs"][m][s]["iterations"] for s in seeds]
         cells = []
@@ -95,22 +134,128 @@ def table(results: dict) -> str:
             loss_last = statistics.fmean(r[t]["history"][-1]["loss"] for r in runs)
             cells.append(f"{loss_first:.3f} → {loss_last:.3f}")
         distinct = statistics.fmean(r[-1]["greedy_distinct_answers"] for r in runs)
-        length = statistics.fmean(statistics.fmean(r[-1]["greedy_lengths"]) for r in runs)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {distinct:.0f} | {length:.1f} |")
+        lengths = [statistics.fmean(statistics.fmean(r[t]["greedy_lengths"]) for r in runs)
+                   for t in range(T)]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {distinct:.0f} | "
+                     + " → ".join(f"{x:.1f}" for x in [base_length, *lengths]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def ranked_pairs(results: dict, method: str) -> bool:
+    """Whether `method` pairs its policy's y_ref with the dataset's answers (dpo, selm)."""
+    spec = results["method_specs"][method]
+    return spec["rule"] == "best_worst" and spec["pairs"] == "ranked"
+
+
+def shares_tables(results: dict) -> list[str]:
+    """The paper's Figure 3 shares: how often y_ref is the chosen answer of the new pair and
+    how often it beats the dataset's chosen y_w, per iteration (over seeds), and per seed for
+    iterative DPO."""
+    T, seeds = results["settings"]["iterations"], results["seeds"]
+    shown = [m for m in results["methods"] if ranked_pairs(results, m)]
+    if not shown:
+        return []
+    lines = ["", "y_ref in the iteration's rankings (read from the store): the share of pairs "
+             "whose chosen answer is y_ref, and the share of rankings where r*(y_ref) > "
+             "r*(y_w), the dataset's chosen answer:", "",
+             "| method | " + " | ".join(f"iter {t}: chosen / beats y_w"
+                                      for t in range(1, T + 1)) + " |", "|---|" + "---|" * T]
+    for m in shown:
+        data = [[results["runs"][m][s]["iterations"][t]["data"] for s in seeds]
+                for t in range(T)]
+        lines.append(f"| {m} | " + " | ".join(
+            f"{fmt([d['chosen_is_policy'] for d in it])} / "
+            f"{fmt([d['policy_beats_chosen'] for d in it])}" for it in data) + " |")
+    m = shown[0]
+    lines += ["", f"The same per seed for {m} (chosen / beats y_w):", "",
+              "| seed | " + " | ".join(f"iter {t}" for t in range(1, T + 1)) + " |",
+              "|---|" + "---|" * T]
+    for s in seeds:
+        its = results["runs"][m][s]["iterations"]
+        lines.append(f"| {s} | " + " | ".join(
+            f"{it['data']['chosen_is_policy']:.2f} / {it['data']['policy_beats_chosen']:.2f}"
+            for it in its) + " |")
+    return lines
+
+
+def last_step(results: dict, method: str, seed: str, t: int, key: str) -> float:
+    return results["runs"][method][seed]["iterations"][t - 1]["history"][-1][key]
+
+
+def implicit_table(results: dict) -> list[str]:
+    """Figure 4's numbers: implicit rewards beta*(log pi_theta - log pi_ref) of chosen,
+    rejected and y_ref at the last step of each iteration (pi_ref: the iteration's starting
+    policy), for iterative DPO and each SELM alpha."""
+    T, seeds = results["settings"]["iterations"], results["seeds"]
+    shown = [m for m in results["methods"] if results["method_specs"][m]["loss"] == "selm"]
+    if not shown:
+        return []
+    lines = ["", "Implicit rewards β(log πθ − log πref) at the last training step of each "
+             "iteration (chosen / rejected / y_ref; whole curves in the implicit_rewards "
+             "figure):", "", "| method | " + " | ".join(f"iter {t}" for t in range(1, T + 1))
+             + " |", "|---|" + "---|" * T]
+    for m in shown:
+        cells = []
+        for t in range(1, T + 1):
+            cells.append(" / ".join(
+                fmt([last_step(results, m, s, t, f"rewards/{k}") for s in seeds])
+                for k in ("chosen", "rejected", "ref_response")))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def optimism_terms(results: dict, method: str, seed: str, t: int) -> list[tuple[float, float]]:
+    """Per training step of iteration t: (DPO term, optimism term) of SELM's loss, batch
+    means: the optimism term is alpha * beta * (log pi - log pi_ref)(y_ref) = alpha *
+    rewards/ref_response, the DPO term the rest of the loss."""
+    alpha = results["method_specs"][method]["alpha"]
+    rows = results["runs"][method][seed]["iterations"][t - 1]["history"]
+    return [(row["loss"] - alpha * row["rewards/ref_response"],
+             alpha * row["rewards/ref_response"]) for row in rows]
+
+
+def optimism_table(results: dict) -> list[str]:
+    """Where SELM's optimism term overtakes its DPO term: per alpha and iteration, both terms
+    at the last step (mean over seeds) and the share of steps where |optimism| > DPO term."""
+    T, seeds = results["settings"]["iterations"], results["seeds"]
+    shown = [m for m in results["methods"] if results["method_specs"][m]["loss"] == "selm"
+             and results["method_specs"][m]["alpha"] > 0]
+    if not shown:
+        return []
+    lines = ["", "SELM's loss split into its DPO term −log σ(β h) and its optimism term "
+             "α·β·(log π − log πref)(y_ref), batch means at the last step of each iteration "
+             "(mean over seeds), and the share of all steps where the optimism term's "
+             "absolute value exceeds the DPO term:", "",
+             "| method | " + " | ".join(f"iter {t}: DPO / optimism" for t in range(1, T + 1))
+             + " | steps where abs(optimism) > DPO |", "|---|" + "---|" * (T + 1)]
+    for m in shown:
+        cells, over, total = [], 0, 0
+        for t in range(1, T + 1):
+            terms = [optimism_terms(results, m, s, t) for s in seeds]
+            cells.append(f"{statistics.fmean(x[-1][0] for x in terms):.3f} / "
+                         f"{statistics.fmean(x[-1][1] for x in terms):+.3f}")
+            over += sum(abs(o) > d for x in terms for d, o in x)
+            total += sum(len(x) for x in terms)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {over / total:.2f} |")
+    return lines
 
 
 # --- figures ------------------------------------------------------------------------------------
 
 
 def figures(results: dict, out: Path) -> list[Path]:
+    """Each regime's four figures, named `{regime}-{figure}.png`."""
     import matplotlib
 
     matplotlib.use("Agg")
-    return [_rewards_by_iteration(results, out / "reward_by_iteration.png"),
-            _reward_distributions(results, out / "reward_distributions.png"),
-            _implicit_rewards(results, out / "implicit_rewards.png"),
-            _yref_wins(results, out / "yref_wins.png")]
+    paths = []
+    for regime in results["regimes"]:
+        v = view(results, regime)
+        paths += [_rewards_by_iteration(v, out / f"{regime}-reward_by_iteration.png"),
+                  _reward_distributions(v, out / f"{regime}-reward_distributions.png"),
+                  _implicit_rewards(v, out / f"{regime}-implicit_rewards.png"),
+                  _yref_wins(v, out / f"{regime}-yref_wins.png")]
+    return paths
 
 
 def _rewards_by_iteration(results: dict, path: Path) -> Path:
@@ -130,7 +275,7 @@ def _rewards_by_iteration(results: dict, path: Path) -> Path:
     ax.set_xticks(range(T + 1))
     ax.set_xlabel("iteration (0 = base policy)")
     ax.set_ylabel("mean r* of greedy answers (held-out)")
-    ax.set_title("True reward by iteration (95% CI over seeds; dotted: best possible)")
+    ax.set_title(f"{results['regime']}: true reward by iteration (95% CI; dotted: best)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -158,7 +303,8 @@ def _reward_distributions(results: dict, path: Path) -> Path:
         ax.set_xlabel("r* of the greedy answer")
     axes[0][0].set_ylabel("fraction of held-out prompts with r* <= x")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Distribution of true rewards (held-out prompts, seeds pooled)")
+    fig.suptitle(f"{results['regime']}: distribution of true rewards (held-out prompts, "
+                 "seeds pooled)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -176,47 +322,39 @@ def color(results: dict, method: str) -> str:
     return f"C{results['methods'].index(method) % 10}"
 
 
-def implicit_difference(results: dict, method: str, t: int, key: str) -> list[list[float]]:
-    """Per seed, per training step of iteration t: `key` (rewards/chosen or rewards/rejected,
-    beta * (log pi_theta - log pi_ref) averaged over the step's batch, before its update) of
-    `method` minus iterative DPO's, at the same step."""
-    out = []
-    for s in results["seeds"]:
-        mine = results["runs"][method][s]["iterations"][t - 1]["history"]
-        dpo = results["runs"]["dpo"][s]["iterations"][t - 1]["history"]
-        out.append([a[key] - b[key] for a, b in zip(mine, dpo, strict=True)])
-    return out
-
-
 def _implicit_rewards(results: dict, path: Path) -> Path:
-    """Figure 4's analogue: implicit reward of chosen and rejected, SELM minus DPO, over the
-    training steps of each iteration (mean over seeds, 95% band)."""
+    """Figure 4's analogue: implicit rewards beta*(log pi_theta - log pi_ref) of chosen,
+    rejected and y_ref over the training steps of each iteration (batch means before each
+    update; mean over seeds, 95% band), iterative DPO and each SELM alpha."""
     import matplotlib.pyplot as plt
 
-    T = results["settings"]["iterations"]
-    shown = [m for m in results["methods"] if m.startswith("selm")]
-    fig, axes = plt.subplots(2, T, figsize=(3.6 * T, 5.6), sharex=True, squeeze=False)
-    for row, key in enumerate(("rewards/chosen", "rewards/rejected")):
+    T, seeds = results["settings"]["iterations"], results["seeds"]
+    shown = [m for m in results["methods"] if results["method_specs"][m]["loss"] == "selm"]
+    keys = ("chosen", "rejected", "ref_response")
+    fig, axes = plt.subplots(len(keys), T, figsize=(3.6 * T, 8), sharex=True, squeeze=False)
+    for row, key in enumerate(keys):
         for t in range(1, T + 1):
             ax = axes[row][t - 1]
-            if "dpo" in results["methods"]:
-                for m in shown:
-                    diffs = implicit_difference(results, m, t, key)
-                    steps = range(1, len(diffs[0]) + 1)
-                    stats = [ci([d[k] for d in diffs]) for k in range(len(diffs[0]))]
-                    mean = [s[0] for s in stats]
-                    half = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
-                    ax.plot(steps, mean, label=m, color=color(results, m))
-                    ax.fill_between(steps, [a - b for a, b in zip(mean, half, strict=True)],
-                                    [a + b for a, b in zip(mean, half, strict=True)], alpha=0.2,
-                                    color=color(results, m))
+            for m in shown:
+                curves = [[h[f"rewards/{key}"] for h in
+                           results["runs"][m][s]["iterations"][t - 1]["history"]] for s in seeds]
+                steps = range(1, len(curves[0]) + 1)
+                stats = [ci([c[k] for c in curves]) for k in range(len(curves[0]))]
+                mean = [x[0] for x in stats]
+                half = [0.0 if math.isnan(x[1]) else x[1] for x in stats]
+                ax.plot(steps, mean, label=m, color=color(results, m),
+                        linestyle="--" if m == "dpo" else "-")
+                ax.fill_between(steps, [a - b for a, b in zip(mean, half, strict=True)],
+                                [a + b for a, b in zip(mean, half, strict=True)], alpha=0.15,
+                                color=color(results, m))
             ax.axhline(0, color="grey", linewidth=0.8)
-            ax.set_title(f"iteration {t}: {key.split('/')[1]}")
-            if row == 1:
+            ax.set_title(f"iteration {t}: {'y_ref' if key == 'ref_response' else key}")
+            if row == len(keys) - 1:
                 ax.set_xlabel("training step")
-        axes[row][0].set_ylabel("SELM − DPO implicit reward")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("β(log πθ − log πref) of the training pairs, SELM minus iterative DPO")
+        axes[row][0].set_ylabel("implicit reward")
+    if shown:
+        axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{results['regime']}: β(log πθ − log πref) of chosen, rejected and y_ref")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -224,26 +362,29 @@ def _implicit_rewards(results: dict, path: Path) -> Path:
 
 
 def _yref_wins(results: dict, path: Path) -> Path:
-    """How often the policy's own answer was ranked first, per iteration (95% CI)."""
+    """How often the policy's own answer was ranked first, and how often it beat the
+    dataset's chosen answer, per iteration (95% CI)."""
     import matplotlib.pyplot as plt
 
     T, seeds = results["settings"]["iterations"], results["seeds"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in results["methods"]:
-        if results["runs"][m][seeds[0]]["iterations"][0]["data"]["policy_reward_mean"] is None:
-            continue  # offline: no policy answers
-        data = [[results["runs"][m][s]["iterations"][t]["data"]["policy_ranked_first"]
-                 for s in seeds] for t in range(T)]
-        stats = [ci(d) for d in data]
-        ax.errorbar(range(1, T + 1), [s[0] for s in stats],
-                    yerr=[0 if math.isnan(s[1]) else s[1] for s in stats], marker="o",
-                    capsize=3, label=m, color=color(results, m))
-    ax.set_xticks(range(1, T + 1))
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("policy answer ranked first")
-    ax.set_title("y_ref (SAIL: y_0 or y_1) ranked first by r*")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in ((axes[0], "policy_ranked_first", "ranked first"),
+                           (axes[1], "policy_beats_chosen", "r* above the dataset's y_w")):
+        for m in results["methods"]:
+            if results["runs"][m][seeds[0]]["iterations"][0]["data"]["policy_reward_mean"] is None:
+                continue  # no policy answers: the dataset's pairs only
+            stats = [ci([results["runs"][m][s]["iterations"][t]["data"][key] for s in seeds])
+                     for t in range(T)]
+            ax.errorbar(range(1, T + 1), [x[0] for x in stats],
+                        yerr=[0 if math.isnan(x[1]) else x[1] for x in stats], marker="o",
+                        capsize=3, label=m, color=color(results, m))
+        ax.set_xticks(range(1, T + 1))
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("iteration")
+        ax.set_title(f"policy answer {title}")
+    axes[0].set_ylabel("share of rankings")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{results['regime']}: y_ref (SAIL: the better of y_0, y_1)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
