@@ -1,20 +1,22 @@
-"""The base policy (the SFT model of the miniature) and the initial preference dataset.
+"""The base policy (the SFT model of the miniature) and the initial preference datasets.
 
 The base policy is a tiny Llama fitted by plain supervised learning (AdamW, `fit_base`) to a
 broad answer distribution: 3-10 distinct answer words drawn from a Zipf-like prior (a few
 words are frequent, most are rare), tilted only slightly towards the words the prompt's topics
-like (`AWARENESS`), and written in increasing word order. The order is the language's grammar:
+like (`BASE_STYLE`), and written in increasing word order. The order is the language's grammar:
 it makes "never repeat a word" a property of the previous token alone, which a 2-layer model
 learns in 1,000 steps (with unordered answers the fitted model still repeated a word in 40-50%
 of its samples). So the base answers generically, knows a little, and has room to improve:
 its greedy answers score ~2.7 on held-out prompts where the best answers score ~8.6.
 
-The initial preference dataset (the miniature's UltraFeedback) is drawn from that base policy:
-two different samples per training prompt at temperature 1, labelled by Bradley-Terry on r*
-(the first is chosen with probability sigmoid(r*(y_1) - r*(y_2)); ~80% of labels then agree
-with r*), written as a `flat` jsonl that the pipeline's sources read (prompt, chosen,
-rejected, and the two true rewards as score_chosen / score_rejected, which only
-`pairs: original` iterations record).
+The initial preference dataset (the miniature's UltraFeedback), one per regime: `self`, two
+different samples of the base policy per training prompt at temperature 1
+(`preference_dataset`); `stronger`, answers of two of four stronger answer distributions
+(`STRONGER_STYLES`, `stronger_dataset`). Both are labelled by Bradley-Terry on r* (the first
+is chosen with probability sigmoid(r*(y_1) - r*(y_2)); ~80% of labels then agree with r*) and
+written as a `flat` jsonl that the pipeline's sources read (prompt, chosen, rejected, and the
+two true rewards as score_chosen / score_rejected, which only `pairs: original` iterations
+record).
 """
 
 from __future__ import annotations
