@@ -53,8 +53,9 @@ class Style:
 # The base policy's SFT distribution: generic, slightly aware of the prompt's tastes.
 BASE_STYLE = Style("base", awareness=0.5)
 # The stronger regime's dataset models (the miniature's UltraFeedback mix of GPT-4-class and
-# weaker models): each knows more of the tastes than the base and has its own word frequencies
-# and lengths, so their answers are better than the base's and different from them. Calibrated
+# weaker models): each is at least as aware of the tastes as the base (model-a equally, the
+# others more), with flatter word frequencies of its own and its own lengths, so their answers
+# score higher than the base's samples and differ from them. Calibrated
 # (README.md here) so that the base's greedy y_ref is ranked first in 30-40% of iteration 1's
 # rankings, as in the demo build on UltraFeedback (34%).
 STRONGER_STYLES = (
